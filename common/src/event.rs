@@ -1,0 +1,950 @@
+//! The license event: the domain type every stage passes around, and the validation of the
+//! ingest JSON of contract §5 into it.
+//!
+//! Owns: field names, limits, the event types and results, and turning a request body (object,
+//! array or NDJSON) into validated [`Event`]s with errors that name the field and the event's
+//! index. Pseudonymisation happens here too, through [`Fingerprinter`], so a raw license key or
+//! machine id never leaves this module inside an `Event`.
+//!
+//! Does not own: bytes on disk or on the wire (see `wire`), defaults that depend on the agent
+//! (context stamping and id generation are done through [`IngestDefaults`] supplied by the
+//! caller).
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use crate::fingerprint::Fingerprinter;
+use crate::time::{format_rfc3339, parse_rfc3339_ns, UnixNanos};
+
+/// Longest `id` accepted (bytes).
+pub const MAX_ID_LEN: usize = 128;
+/// Longest `license` accepted (bytes).
+pub const MAX_LICENSE_LEN: usize = 128;
+/// Longest value of the other string fields (bytes).
+pub const MAX_STRING_LEN: usize = 256;
+/// Most entries in `attrs`.
+pub const MAX_ATTRS: usize = 32;
+/// Longest raw `license_key` accepted before hashing (it is a credential, but not a novel).
+pub const MAX_LICENSE_KEY_LEN: usize = 4096;
+/// Integer times are unix milliseconds; this bounds them to what fits in i64 nanoseconds.
+const MAX_UNIX_MS: i64 = i64::MAX / 1_000_000;
+
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            /// Every value, in declaration order (which is also the wire tag order).
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The contract's spelling.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            /// Parses the contract's spelling.
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($text => Some($name::$variant),)+ _ => None }
+            }
+
+            /// Stable numeric tag used by the wire and storage codecs.
+            pub fn tag(self) -> u8 {
+                self as u8
+            }
+
+            /// Inverse of [`Self::tag`].
+            pub fn from_tag(tag: u8) -> Option<Self> {
+                Self::ALL.get(tag as usize).copied()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// `type` of an event (contract §5). Append only: the position is the wire tag.
+    EventType {
+        Issued => "license.issued",
+        Assigned => "license.assigned",
+        Activated => "license.activated",
+        Deactivated => "license.deactivated",
+        Validated => "license.validated",
+        Renewed => "license.renewed",
+        Upgraded => "license.upgraded",
+        Downgraded => "license.downgraded",
+        Expired => "license.expired",
+        Suspended => "license.suspended",
+        Reinstated => "license.reinstated",
+        Revoked => "license.revoked",
+        FeatureChecked => "feature.checked",
+        PaymentSucceeded => "payment.succeeded",
+        PaymentFailed => "payment.failed",
+        SupportTicketOpened => "support.ticket_opened",
+        SupportTicketClosed => "support.ticket_closed",
+    }
+);
+
+impl EventType {
+    /// `license.*` and `feature.*` events must name a license.
+    pub fn requires_license(self) -> bool {
+        let s = self.as_str();
+        s.starts_with("license.") || s.starts_with("feature.")
+    }
+}
+
+string_enum!(
+    /// `result` of an event (contract §5). Append only: the position is the wire tag.
+    ResultCode {
+        Valid => "valid",
+        Expired => "expired",
+        Suspended => "suspended",
+        Revoked => "revoked",
+        NotFound => "not_found",
+        InvalidFormat => "invalid_format",
+        DomainMismatch => "domain_mismatch",
+        LimitExceeded => "limit_exceeded",
+        RateLimited => "rate_limited",
+        FeatureDenied => "feature_denied",
+        Overdue => "overdue",
+        Error => "error",
+    }
+);
+
+string_enum!(
+    /// `deployment` of the product instance that produced the event.
+    Deployment {
+        Cloud => "cloud",
+        OnPrem => "on_prem",
+        Hybrid => "hybrid",
+    }
+);
+
+/// Usage figures reported by a license server, all optional.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub seats_used: Option<u64>,
+    pub seats_limit: Option<u64>,
+    pub domains_used: Option<u64>,
+    pub domains_limit: Option<u64>,
+    pub machines_used: Option<u64>,
+    pub machines_limit: Option<u64>,
+}
+
+/// A validated, pseudonymised license event. Never holds a raw license key or machine id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Idempotency key: the collector counts an id once.
+    pub id: String,
+    pub event_type: EventType,
+    /// When it happened, unix nanoseconds UTC.
+    pub time: UnixNanos,
+    /// The agent that recorded it.
+    pub agent_id: String,
+    /// The license: a pseudonym (`lk_…`) or a non-secret id given as-is.
+    pub license: Option<String>,
+    pub customer: Option<String>,
+    pub product: Option<String>,
+    pub plan: Option<String>,
+    pub previous_plan: Option<String>,
+    pub region: Option<String>,
+    pub user: Option<String>,
+    pub domain: Option<String>,
+    pub version: Option<String>,
+    pub feature: Option<String>,
+    /// Machine pseudonym (`mf_…`).
+    pub machine: Option<String>,
+    /// ISO 3166-1 alpha-2, upper case.
+    pub country: Option<String>,
+    pub deployment: Option<Deployment>,
+    pub result: ResultCode,
+    pub expires_at: Option<UnixNanos>,
+    pub usage: Usage,
+    /// Sorted by key, unique keys.
+    pub attrs: Vec<(String, String)>,
+}
+
+impl Event {
+    /// Re-checks the limits of a decoded event (the collector does not trust its peers' encoders).
+    pub fn check_limits(&self) -> Result<(), String> {
+        let check = |name: &str, v: &Option<String>, max: usize| match v {
+            Some(s) if s.len() > max => Err(format!("{name} longer than {max} bytes")),
+            _ => Ok(()),
+        };
+        if self.id.is_empty() || self.id.len() > MAX_ID_LEN {
+            return Err(format!("id must be 1..={MAX_ID_LEN} bytes"));
+        }
+        if self.agent_id.is_empty() || self.agent_id.len() > MAX_STRING_LEN {
+            return Err(format!("agent_id must be 1..={MAX_STRING_LEN} bytes"));
+        }
+        check("license", &self.license, MAX_LICENSE_LEN)?;
+        for (name, v) in [
+            ("customer", &self.customer),
+            ("product", &self.product),
+            ("plan", &self.plan),
+            ("previous_plan", &self.previous_plan),
+            ("region", &self.region),
+            ("user", &self.user),
+            ("domain", &self.domain),
+            ("version", &self.version),
+            ("feature", &self.feature),
+            ("machine", &self.machine),
+        ] {
+            check(name, v, MAX_STRING_LEN)?;
+        }
+        if let Some(c) = &self.country {
+            if !is_country_code(c) {
+                return Err("country is not an upper-case ISO 3166-1 alpha-2 code".into());
+            }
+        }
+        if self.attrs.len() > MAX_ATTRS {
+            return Err(format!("attrs has more than {MAX_ATTRS} entries"));
+        }
+        for (k, v) in &self.attrs {
+            if k.len() > MAX_STRING_LEN || v.len() > MAX_STRING_LEN {
+                return Err(format!("attrs entry longer than {MAX_STRING_LEN} bytes"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The event as the analyst API shows it (contract field names; no secrets to hide).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        let mut put = |k: &str, v: serde_json::Value| {
+            m.insert(k.to_string(), v);
+        };
+        put("id", self.id.clone().into());
+        put("type", self.event_type.as_str().into());
+        put("time", format_rfc3339(self.time).into());
+        put("agent_id", self.agent_id.clone().into());
+        let opt = |v: &Option<String>| v.clone().map_or(serde_json::Value::Null, Into::into);
+        for (k, v) in [
+            ("license", &self.license),
+            ("customer", &self.customer),
+            ("product", &self.product),
+            ("plan", &self.plan),
+            ("previous_plan", &self.previous_plan),
+            ("region", &self.region),
+            ("user", &self.user),
+            ("domain", &self.domain),
+            ("version", &self.version),
+            ("feature", &self.feature),
+            ("machine", &self.machine),
+            ("country", &self.country),
+        ] {
+            if v.is_some() {
+                put(k, opt(v));
+            }
+        }
+        if let Some(d) = self.deployment {
+            put("deployment", d.as_str().into());
+        }
+        put("result", self.result.as_str().into());
+        if let Some(e) = self.expires_at {
+            put("expires_at", format_rfc3339(e).into());
+        }
+        let u = &self.usage;
+        for (k, v) in [
+            ("seats_used", u.seats_used),
+            ("seats_limit", u.seats_limit),
+            ("domains_used", u.domains_used),
+            ("domains_limit", u.domains_limit),
+            ("machines_used", u.machines_used),
+            ("machines_limit", u.machines_limit),
+        ] {
+            if let Some(v) = v {
+                put(k, v.into());
+            }
+        }
+        if !self.attrs.is_empty() {
+            let attrs: serde_json::Map<String, serde_json::Value> = self
+                .attrs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone().into()))
+                .collect();
+            put("attrs", attrs.into());
+        }
+        serde_json::Value::Object(m)
+    }
+}
+
+/// `ISO 3166-1 alpha-2` shape: two upper-case ASCII letters.
+pub fn is_country_code(s: &str) -> bool {
+    s.len() == 2 && s.bytes().all(|b| b.is_ascii_uppercase())
+}
+
+/// A rejected ingest request: what the agent answers with 400.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("event {index:?}: {field:?}: {message}")]
+pub struct IngestError {
+    /// Machine-readable reason: `invalid_json`, `unknown_field`, `missing_field`, `invalid_type`,
+    /// `invalid_value`, `too_long`, `too_many`, `empty_body`.
+    pub code: &'static str,
+    pub message: String,
+    /// Index of the offending event in the request (array position or NDJSON line among events).
+    pub index: Option<usize>,
+    pub field: Option<String>,
+}
+
+impl IngestError {
+    fn new(code: &'static str, field: Option<&str>, message: impl Into<String>) -> Self {
+        IngestError { code, message: message.into(), index: None, field: field.map(str::to_string) }
+    }
+
+    fn at(mut self, index: usize) -> Self {
+        self.index = Some(index);
+        self
+    }
+
+    /// The 400 body of contract §4.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"error": {
+            "code": self.code, "message": self.message, "index": self.index, "field": self.field,
+        }})
+    }
+}
+
+/// What the ingesting agent supplies: identity, context defaults, time and id sources.
+pub trait IngestDefaults {
+    fn agent_id(&self) -> &str;
+    /// `[context]` values stamped on events that lack them.
+    fn context(&self) -> &Context;
+    fn now(&self) -> UnixNanos;
+    /// A fresh unique event id for an event that came without one.
+    fn new_event_id(&self) -> String;
+}
+
+/// `[context]` of the agent config.
+#[derive(Clone, Debug, Default)]
+pub struct Context {
+    pub customer: Option<String>,
+    pub product: Option<String>,
+    pub region: Option<String>,
+    pub country: Option<String>,
+    pub deployment: Option<Deployment>,
+}
+
+/// Body shape of an ingest request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// `application/json`: an object or an array of objects.
+    Json,
+    /// `application/x-ndjson`: one object per non-empty line.
+    Ndjson,
+}
+
+/// Parses and validates a whole ingest body; all or nothing.
+pub fn parse_body(
+    body: &[u8],
+    format: BodyFormat,
+    fp: &Fingerprinter,
+    defaults: &dyn IngestDefaults,
+    max_events: usize,
+) -> Result<Vec<Event>, IngestError> {
+    let mut out = Vec::new();
+    match format {
+        BodyFormat::Ndjson => {
+            let mut index = 0;
+            for line in body.split(|b| *b == b'\n') {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                if index >= max_events {
+                    return Err(too_many(max_events).at(index));
+                }
+                let raw = parse_one(line).map_err(|e| e.at(index))?;
+                out.push(raw.into_event(fp, defaults).map_err(|e| e.at(index))?);
+                index += 1;
+            }
+        }
+        BodyFormat::Json => {
+            let first = body.iter().find(|b| !b.is_ascii_whitespace());
+            match first {
+                Some(b'[') => {
+                    let raws = parse_array(body, max_events)?;
+                    out.reserve(raws.len());
+                    for (i, raw) in raws.into_iter().enumerate() {
+                        out.push(raw.into_event(fp, defaults).map_err(|e| e.at(i))?);
+                    }
+                }
+                Some(_) => {
+                    let raw = parse_one(body).map_err(|e| e.at(0))?;
+                    out.push(raw.into_event(fp, defaults).map_err(|e| e.at(0))?);
+                }
+                None => {}
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(IngestError::new("empty_body", None, "the body holds no event"));
+    }
+    Ok(out)
+}
+
+fn too_many(max: usize) -> IngestError {
+    IngestError::new("too_many", None, format!("more than {max} events in one request"))
+}
+
+/// Integer unix milliseconds or an RFC 3339 string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawTime<'a> {
+    Millis(i64),
+    #[serde(borrow)]
+    Text(Cow<'a, str>),
+}
+
+/// The ingest JSON as it comes; validated by [`RawEvent::into_event`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvent<'a> {
+    #[serde(rename = "type", borrow)]
+    event_type: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    time: Option<RawTime<'a>>,
+    #[serde(borrow)]
+    license_key: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    license: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    customer: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    product: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    plan: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    previous_plan: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    region: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    domain: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    version: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    feature: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    machine: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    country: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    deployment: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    result: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    expires_at: Option<Cow<'a, str>>,
+    seats_used: Option<u64>,
+    seats_limit: Option<u64>,
+    domains_used: Option<u64>,
+    domains_limit: Option<u64>,
+    machines_used: Option<u64>,
+    machines_limit: Option<u64>,
+    #[serde(borrow)]
+    attrs: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
+}
+
+/// The fields of contract §5 with the JSON type each must have; used to name the field of a
+/// serde error precisely (serde's own message does not carry it in a usable form).
+const FIELDS: &[(&str, FieldKind)] = &[
+    ("type", FieldKind::String),
+    ("id", FieldKind::String),
+    ("time", FieldKind::Time),
+    ("license_key", FieldKind::String),
+    ("license", FieldKind::String),
+    ("customer", FieldKind::String),
+    ("product", FieldKind::String),
+    ("plan", FieldKind::String),
+    ("previous_plan", FieldKind::String),
+    ("region", FieldKind::String),
+    ("user", FieldKind::String),
+    ("domain", FieldKind::String),
+    ("version", FieldKind::String),
+    ("feature", FieldKind::String),
+    ("machine", FieldKind::String),
+    ("country", FieldKind::String),
+    ("deployment", FieldKind::String),
+    ("result", FieldKind::String),
+    ("expires_at", FieldKind::String),
+    ("seats_used", FieldKind::Count),
+    ("seats_limit", FieldKind::Count),
+    ("domains_used", FieldKind::Count),
+    ("domains_limit", FieldKind::Count),
+    ("machines_used", FieldKind::Count),
+    ("machines_limit", FieldKind::Count),
+    ("attrs", FieldKind::Attrs),
+];
+
+#[derive(Clone, Copy)]
+enum FieldKind {
+    String,
+    Time,
+    Count,
+    Attrs,
+}
+
+/// Explains why `serde` refused one event, naming the field. Slow path: runs only on error.
+fn explain(event_json: &[u8], serde_err: &serde_json::Error) -> IngestError {
+    let value: serde_json::Value = match serde_json::from_slice(event_json) {
+        Ok(v) => v,
+        Err(e) => return IngestError::new("invalid_json", None, format!("invalid JSON: {e}")),
+    };
+    explain_value(&value).unwrap_or_else(|| {
+        IngestError::new("invalid_value", None, format!("invalid event: {serde_err}"))
+    })
+}
+
+fn explain_value(value: &serde_json::Value) -> Option<IngestError> {
+    let obj = match value.as_object() {
+        Some(o) => o,
+        None => return Some(IngestError::new("invalid_type", None, "an event must be a JSON object")),
+    };
+    for (key, v) in obj {
+        let Some((_, kind)) = FIELDS.iter().find(|(name, _)| name == key) else {
+            return Some(IngestError::new(
+                "unknown_field",
+                Some(key),
+                format!("unknown field `{}`", truncate_for_message(key)),
+            ));
+        };
+        if v.is_null() {
+            continue;
+        }
+        let bad = match kind {
+            FieldKind::String => (!v.is_string()).then_some("a string"),
+            FieldKind::Time => {
+                (!(v.is_string() || v.is_i64())).then_some("an RFC 3339 string or integer unix milliseconds")
+            }
+            FieldKind::Count => (!v.is_u64()).then_some("an integer >= 0"),
+            FieldKind::Attrs => match v.as_object() {
+                Some(m) if m.values().all(|x| x.is_string()) => None,
+                _ => Some("an object of string values"),
+            },
+        };
+        if let Some(want) = bad {
+            return Some(IngestError::new("invalid_type", Some(key), format!("`{key}` must be {want}")));
+        }
+    }
+    None
+}
+
+fn truncate_for_message(s: &str) -> &str {
+    let mut end = s.len().min(64);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn parse_one(json: &[u8]) -> Result<RawEvent<'_>, IngestError> {
+    serde_json::from_slice::<RawEvent<'_>>(json).map_err(|e| explain(json, &e))
+}
+
+/// Parses a JSON array of events, counting elements so an error can name its index.
+fn parse_array(body: &[u8], max_events: usize) -> Result<Vec<RawEvent<'_>>, IngestError> {
+    struct Seed {
+        max: usize,
+        failed_at: std::cell::Cell<usize>,
+    }
+    struct ArrayVisitor<'s> {
+        seed: &'s Seed,
+    }
+    impl<'de> Visitor<'de> for ArrayVisitor<'_> {
+        type Value = Vec<RawEvent<'de>>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an array of events")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            loop {
+                self.seed.failed_at.set(out.len());
+                if out.len() >= self.seed.max {
+                    // One more element present means too many.
+                    return match seq.next_element::<de::IgnoredAny>()? {
+                        Some(_) => Err(de::Error::custom("too_many")),
+                        None => Ok(out),
+                    };
+                }
+                match seq.next_element::<RawEvent<'de>>()? {
+                    Some(e) => out.push(e),
+                    None => return Ok(out),
+                }
+            }
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for &Seed {
+        type Value = Vec<RawEvent<'de>>;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_seq(ArrayVisitor { seed: self })
+        }
+    }
+
+    let seed = Seed { max: max_events, failed_at: std::cell::Cell::new(0) };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let result = (&seed).deserialize(&mut de).and_then(|v| de.end().map(|_| v));
+    match result {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let index = seed.failed_at.get();
+            if e.to_string().starts_with("too_many") {
+                return Err(too_many(max_events).at(index));
+            }
+            // Slow path: find the element and name the field.
+            let detail = match serde_json::from_slice::<Vec<serde_json::Value>>(body) {
+                Ok(values) => values
+                    .get(index)
+                    .and_then(explain_value)
+                    .unwrap_or_else(|| IngestError::new("invalid_value", None, format!("invalid event: {e}"))),
+                Err(syntax) => IngestError::new("invalid_json", None, format!("invalid JSON: {syntax}")),
+            };
+            Err(detail.at(index))
+        }
+    }
+}
+
+fn take_string(
+    field: &'static str,
+    v: Option<Cow<'_, str>>,
+    max: usize,
+) -> Result<Option<String>, IngestError> {
+    match v {
+        None => Ok(None),
+        Some(s) if s.len() > max => Err(IngestError::new(
+            "too_long",
+            Some(field),
+            format!("`{field}` is {} bytes, longer than {max}", s.len()),
+        )),
+        Some(s) => Ok(Some(s.into_owned())),
+    }
+}
+
+fn parse_time_field(field: &'static str, text: &str) -> Result<UnixNanos, IngestError> {
+    parse_rfc3339_ns(text).ok_or_else(|| {
+        IngestError::new(
+            "invalid_value",
+            Some(field),
+            format!("`{field}` is not an RFC 3339 time: {:?}", truncate_for_message(text)),
+        )
+    })
+}
+
+impl RawEvent<'_> {
+    fn into_event(self, fp: &Fingerprinter, d: &dyn IngestDefaults) -> Result<Event, IngestError> {
+        let type_text = self
+            .event_type
+            .ok_or_else(|| IngestError::new("missing_field", Some("type"), "`type` is required"))?;
+        let event_type = EventType::parse(&type_text).ok_or_else(|| {
+            IngestError::new(
+                "invalid_value",
+                Some("type"),
+                format!("unknown event type {:?}", truncate_for_message(&type_text)),
+            )
+        })?;
+        let id = match take_string("id", self.id, MAX_ID_LEN)? {
+            Some(id) if id.is_empty() => {
+                return Err(IngestError::new("invalid_value", Some("id"), "`id` must not be empty"))
+            }
+            Some(id) => id,
+            None => d.new_event_id(),
+        };
+        let time = match self.time {
+            None => d.now(),
+            Some(RawTime::Millis(ms)) => {
+                if !(-MAX_UNIX_MS..=MAX_UNIX_MS).contains(&ms) {
+                    return Err(IngestError::new(
+                        "invalid_value",
+                        Some("time"),
+                        "`time` in unix milliseconds is out of range",
+                    ));
+                }
+                ms * 1_000_000
+            }
+            Some(RawTime::Text(t)) => parse_time_field("time", &t)?,
+        };
+        let license = match (self.license_key, self.license) {
+            (Some(_), Some(_)) => {
+                return Err(IngestError::new(
+                    "invalid_value",
+                    Some("license_key"),
+                    "set `license_key` or `license`, not both",
+                ))
+            }
+            (Some(key), None) => {
+                if key.is_empty() || key.len() > MAX_LICENSE_KEY_LEN {
+                    return Err(IngestError::new(
+                        "invalid_value",
+                        Some("license_key"),
+                        format!("`license_key` must be 1..={MAX_LICENSE_KEY_LEN} bytes"),
+                    ));
+                }
+                Some(fp.license(&key))
+            }
+            (None, Some(l)) if l.is_empty() => {
+                return Err(IngestError::new("invalid_value", Some("license"), "`license` must not be empty"))
+            }
+            (None, l) => take_string("license", l, MAX_LICENSE_LEN)?,
+        };
+        if license.is_none() && event_type.requires_license() {
+            return Err(IngestError::new(
+                "missing_field",
+                Some("license"),
+                format!("`license_key` or `license` is required for {event_type}"),
+            ));
+        }
+        let machine = take_string("machine", self.machine, MAX_STRING_LEN)?.map(|m| fp.machine(&m));
+        let country = match take_string("country", self.country, MAX_STRING_LEN)? {
+            None => None,
+            Some(c) => {
+                let upper = c.to_ascii_uppercase();
+                if !is_country_code(&upper) {
+                    return Err(IngestError::new(
+                        "invalid_value",
+                        Some("country"),
+                        format!("`country` must be an ISO 3166-1 alpha-2 code, not {:?}", truncate_for_message(&c)),
+                    ));
+                }
+                Some(upper)
+            }
+        };
+        let deployment = match self.deployment {
+            None => None,
+            Some(s) => Some(Deployment::parse(&s).ok_or_else(|| {
+                IngestError::new(
+                    "invalid_value",
+                    Some("deployment"),
+                    "`deployment` must be one of cloud, on_prem, hybrid",
+                )
+            })?),
+        };
+        let result = match self.result {
+            None => ResultCode::Valid,
+            Some(s) => ResultCode::parse(&s).ok_or_else(|| {
+                IngestError::new(
+                    "invalid_value",
+                    Some("result"),
+                    format!("unknown result {:?}", truncate_for_message(&s)),
+                )
+            })?,
+        };
+        let expires_at = match self.expires_at {
+            None => None,
+            Some(t) => Some(parse_time_field("expires_at", &t)?),
+        };
+        let attrs = match self.attrs {
+            None => Vec::new(),
+            Some(map) => {
+                if map.len() > MAX_ATTRS {
+                    return Err(IngestError::new(
+                        "too_many",
+                        Some("attrs"),
+                        format!("`attrs` has {} entries, more than {MAX_ATTRS}", map.len()),
+                    ));
+                }
+                let mut out = Vec::with_capacity(map.len());
+                for (k, v) in map {
+                    if k.len() > MAX_STRING_LEN || v.len() > MAX_STRING_LEN {
+                        return Err(IngestError::new(
+                            "too_long",
+                            Some("attrs"),
+                            format!("`attrs` entry {:?} is longer than {MAX_STRING_LEN} bytes", truncate_for_message(&k)),
+                        ));
+                    }
+                    out.push((k.into_owned(), v.into_owned()));
+                }
+                out
+            }
+        };
+        let ctx = d.context();
+        let or_ctx = |v: Option<String>, c: &Option<String>| v.or_else(|| c.clone());
+        Ok(Event {
+            id,
+            event_type,
+            time,
+            agent_id: d.agent_id().to_string(),
+            license,
+            customer: or_ctx(take_string("customer", self.customer, MAX_STRING_LEN)?, &ctx.customer),
+            product: or_ctx(take_string("product", self.product, MAX_STRING_LEN)?, &ctx.product),
+            plan: take_string("plan", self.plan, MAX_STRING_LEN)?,
+            previous_plan: take_string("previous_plan", self.previous_plan, MAX_STRING_LEN)?,
+            region: or_ctx(take_string("region", self.region, MAX_STRING_LEN)?, &ctx.region),
+            user: take_string("user", self.user, MAX_STRING_LEN)?,
+            domain: take_string("domain", self.domain, MAX_STRING_LEN)?,
+            version: take_string("version", self.version, MAX_STRING_LEN)?,
+            feature: take_string("feature", self.feature, MAX_STRING_LEN)?,
+            machine,
+            country: country.or_else(|| ctx.country.clone()),
+            deployment: deployment.or(ctx.deployment),
+            result,
+            expires_at,
+            usage: Usage {
+                seats_used: self.seats_used,
+                seats_limit: self.seats_limit,
+                domains_used: self.domains_used,
+                domains_limit: self.domains_limit,
+                machines_used: self.machines_used,
+                machines_limit: self.machines_limit,
+            },
+            attrs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(Context);
+    impl IngestDefaults for Fixed {
+        fn agent_id(&self) -> &str {
+            "agent-1"
+        }
+        fn context(&self) -> &Context {
+            &self.0
+        }
+        fn now(&self) -> UnixNanos {
+            1_700_000_000_000_000_000
+        }
+        fn new_event_id(&self) -> String {
+            "generated".into()
+        }
+    }
+
+    fn fixed() -> Fixed {
+        Fixed(Context {
+            region: Some("eu-west-1".into()),
+            deployment: Some(Deployment::OnPrem),
+            customer: Some("acme".into()),
+            ..Context::default()
+        })
+    }
+
+    fn fp() -> Fingerprinter {
+        Fingerprinter::new(b"secret".to_vec())
+    }
+
+    fn parse(body: &str, format: BodyFormat) -> Result<Vec<Event>, IngestError> {
+        parse_body(body.as_bytes(), format, &fp(), &fixed(), 1000)
+    }
+
+    #[test]
+    fn object_array_and_ndjson_parse() {
+        let one = parse(r#"{"type":"license.validated","license":"l1"}"#, BodyFormat::Json).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].id, "generated");
+        assert_eq!(one[0].result, ResultCode::Valid);
+        assert_eq!(one[0].region.as_deref(), Some("eu-west-1"));
+        assert_eq!(one[0].customer.as_deref(), Some("acme"));
+        assert_eq!(one[0].time, 1_700_000_000_000_000_000);
+        let arr = parse(
+            r#"[{"type":"license.issued","license":"l1","time":1762000000000},
+                {"type":"payment.failed","customer":"other","time":"2026-11-01T10:00:00.5+01:00"}]"#,
+            BodyFormat::Json,
+        )
+        .unwrap();
+        assert_eq!(arr[0].time, 1_762_000_000_000 * 1_000_000);
+        assert_eq!(arr[1].customer.as_deref(), Some("other"));
+        assert_eq!(format_rfc3339(arr[1].time), "2026-11-01T09:00:00.5Z");
+        let nd = parse(
+            "{\"type\":\"license.validated\",\"license\":\"a\"}\n\n{\"type\":\"license.validated\",\"license\":\"b\"}\n",
+            BodyFormat::Ndjson,
+        )
+        .unwrap();
+        assert_eq!(nd.len(), 2);
+    }
+
+    #[test]
+    fn license_key_and_machine_are_pseudonymised() {
+        let e = parse(
+            r#"{"type":"license.activated","license_key":"RAW-KEY","machine":"RAW-MACHINE"}"#,
+            BodyFormat::Json,
+        )
+        .unwrap()
+        .remove(0);
+        let l = e.license.unwrap();
+        assert!(l.starts_with("lk_") && l.len() == 35, "{l}");
+        assert_eq!(l, fp().license("RAW-KEY"));
+        let m = e.machine.unwrap();
+        assert!(m.starts_with("mf_") && m.len() == 35, "{m}");
+        assert!(!m.contains("RAW"));
+    }
+
+    #[test]
+    fn errors_name_field_and_index() {
+        let err = parse(
+            r#"[{"type":"license.validated","license":"ok"},{"type":"license.validated","license":"x","colour":"red"}]"#,
+            BodyFormat::Json,
+        )
+        .unwrap_err();
+        assert_eq!((err.code, err.index, err.field.as_deref()), ("unknown_field", Some(1), Some("colour")));
+
+        let err = parse(r#"[{"type":"license.validated","license":"ok","seats_used":-1}]"#, BodyFormat::Json)
+            .unwrap_err();
+        assert_eq!((err.code, err.index, err.field.as_deref()), ("invalid_type", Some(0), Some("seats_used")));
+
+        let err = parse("{\"type\":\"license.validated\",\"license\":\"a\"}\n{\"type\":\"nope\"}", BodyFormat::Ndjson)
+            .unwrap_err();
+        assert_eq!((err.code, err.index, err.field.as_deref()), ("invalid_value", Some(1), Some("type")));
+
+        let err = parse(r#"{"type":"license.validated"}"#, BodyFormat::Json).unwrap_err();
+        assert_eq!((err.code, err.field.as_deref()), ("missing_field", Some("license")));
+
+        let long = "x".repeat(129);
+        let err = parse(&format!(r#"{{"type":"payment.failed","id":"{long}"}}"#), BodyFormat::Json).unwrap_err();
+        assert_eq!((err.code, err.field.as_deref()), ("too_long", Some("id")));
+
+        let err = parse(r#"[{"type":"payment.failed"},{"type":"payment.failed""#, BodyFormat::Json).unwrap_err();
+        assert_eq!((err.code, err.index), ("invalid_json", Some(1)));
+
+        let err = parse(r#"{"type":"payment.failed","country":"Germany"}"#, BodyFormat::Json).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("country"));
+
+        let err = parse(r#"{"type":"payment.failed","time":"yesterday"}"#, BodyFormat::Json).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("time"));
+
+        let attrs: String = (0..33).map(|i| format!(r#""k{i}":"v","#)).collect();
+        let err = parse(
+            &format!(r#"{{"type":"payment.failed","attrs":{{{}}}}}"#, attrs.trim_end_matches(',')),
+            BodyFormat::Json,
+        )
+        .unwrap_err();
+        assert_eq!((err.code, err.field.as_deref()), ("too_many", Some("attrs")));
+
+        assert_eq!(parse("  ", BodyFormat::Json).unwrap_err().code, "empty_body");
+        assert_eq!(parse("[]", BodyFormat::Json).unwrap_err().code, "empty_body");
+    }
+
+    #[test]
+    fn too_many_events_is_an_error() {
+        let body = format!("[{}]", vec![r#"{"type":"payment.failed"}"#; 3].join(","));
+        let err = parse_body(body.as_bytes(), BodyFormat::Json, &fp(), &fixed(), 2).unwrap_err();
+        assert_eq!((err.code, err.index), ("too_many", Some(2)));
+        let ok = parse_body(body.as_bytes(), BodyFormat::Json, &fp(), &fixed(), 3).unwrap();
+        assert_eq!(ok.len(), 3);
+    }
+
+    #[test]
+    fn tags_round_trip() {
+        for t in EventType::ALL {
+            assert_eq!(EventType::from_tag(t.tag()), Some(*t));
+            assert_eq!(EventType::parse(t.as_str()), Some(*t));
+        }
+        for r in ResultCode::ALL {
+            assert_eq!(ResultCode::from_tag(r.tag()), Some(*r));
+        }
+        assert!(EventType::FeatureChecked.requires_license());
+        assert!(!EventType::PaymentFailed.requires_license());
+    }
+}

@@ -1,0 +1,11 @@
+//! keytrail-common: what the agent and the collector share — the event model and its
+//! validation, key fingerprinting, the wire codec, TLS helpers and config value syntaxes.
+
+pub mod config;
+pub mod event;
+pub mod fingerprint;
+pub mod logging;
+pub mod pki;
+pub mod time;
+pub mod tls;
+pub mod wire;

@@ -1,0 +1,84 @@
+//! TLS helpers: the one crypto provider, loading PEM files, server and client configs, and
+//! reading an agent's identity off its certificate.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+/// Installs the process-wide rustls crypto provider (ring). Call first in `main` and in test
+/// harnesses; calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Reads every certificate of a PEM file; an empty file is an error.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("certificate file {}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("certificate file {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("certificate file {}: no PEM certificate in it", path.display()));
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key of a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("private key file {}: {e}", path.display()))
+}
+
+fn roots(ca: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots.add(cert).map_err(|e| format!("CA file {}: {e}", ca.display()))?;
+    }
+    Ok(roots)
+}
+
+/// The collector's receive side: TLS 1.2+, and a required client certificate signed by
+/// `client_ca` when given (mTLS).
+pub fn server_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerConfig, String> {
+    let chain = load_certs(cert)?;
+    let key = load_key(key)?;
+    let builder = ServerConfig::builder();
+    let builder = match client_ca {
+        Some(ca) => {
+            let verifier = WebPkiClientVerifier::builder(Arc::new(roots(ca)?))
+                .build()
+                .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("certificate {} and its key: {e}", cert.display()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The agent's shipping side: the server is verified against `ca` (hostname included); with
+/// `cert` and `key`, a client certificate is presented (mTLS).
+pub fn client_config(ca: &Path, cert_and_key: Option<(&Path, &Path)>) -> Result<ClientConfig, String> {
+    let builder = ClientConfig::builder().with_root_certificates(roots(ca)?);
+    let mut config = match cert_and_key {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .map_err(|e| format!("client certificate {}: {e}", cert.display()))?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The subject common name of a DER certificate: the agent id of an mTLS peer.
+pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some(cn)
+}
