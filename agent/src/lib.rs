@@ -1,1 +1,113 @@
+//! keytrail-agent: the sidecar. Reads as a pipeline:
+//! `ingest` (local API) → `buffer` (durable, sled) → `ship` (batch, compress, send, retry).
+//! `config` parses contract §3's TOML; `telemetry` holds the counters every stage updates.
 
+pub mod buffer;
+pub mod config;
+pub mod ingest;
+pub mod ship;
+pub mod telemetry;
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use keytrail_common::fingerprint::Fingerprinter;
+
+use crate::buffer::{Buffer, BufferLimits};
+use crate::config::AgentConfig;
+use crate::ship::{CollectorClient, ShipHealth};
+use crate::telemetry::AgentMetrics;
+
+/// Runs the agent until SIGTERM or SIGINT.
+///
+/// Shutdown order: stop accepting requests → stop sealer and shipper (a batch in flight is
+/// simply resent next time) → let the writer answer what it holds → final flush.
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    if let Some(p) = &config.proxy {
+        bail!(
+            "[proxy] (listen {}, adapter {}) is not available in this build yet; remove the section to run the agent",
+            p.listen,
+            p.adapter
+        );
+    }
+    let fingerprinter = Fingerprinter::from_file(&config.fingerprint_secret_file).map_err(anyhow::Error::msg)?;
+    let client = CollectorClient::new(&config.ship).map_err(anyhow::Error::msg)?;
+    let metrics = Arc::new(AgentMetrics::default());
+    let limits = BufferLimits {
+        max_bytes: config.max_bytes,
+        when_full: config.when_full,
+        cache_bytes: config.cache_bytes,
+        batch_max_events: config.ship.batch_max_events,
+        batch_max_bytes: config.ship.batch_max_bytes,
+        zstd_level: config.ship.zstd_level,
+    };
+    let dir = config.buffer_dir.clone();
+    let agent_id = config.agent_id.clone();
+    let m = Arc::clone(&metrics);
+    let buffer = tokio::task::spawn_blocking(move || Buffer::open(&dir, agent_id.as_deref(), limits, m))
+        .await
+        .context("opening the buffer")??;
+    let appender = buffer.start_writer();
+    let listener = tokio::net::TcpListener::bind(config.ingest_listen)
+        .await
+        .with_context(|| format!("binding the ingest API on {}", config.ingest_listen))?;
+    let health = Arc::new(ShipHealth::default());
+    let counts = buffer.counts();
+    tracing::info!(
+        agent_id = buffer.agent_id(),
+        ingest = %listener.local_addr()?,
+        collector = %config.ship.collector,
+        buffer = %config.buffer_dir.display(),
+        buffered_events = counts.pending_events + counts.sealed_events,
+        "keytrail-agent started"
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sealer = tokio::spawn(ship::run_sealer(Arc::clone(&buffer), config.ship.batch_timeout, stop_rx.clone()));
+    let shipper = tokio::spawn(ship::run_shipper(
+        Arc::clone(&buffer),
+        client,
+        config.ship.clone(),
+        Arc::clone(&health),
+        Arc::clone(&metrics),
+        stop_rx.clone(),
+    ));
+    let api = Arc::new(ingest::Api {
+        config,
+        buffer: Arc::clone(&buffer),
+        appender,
+        fingerprinter,
+        metrics,
+        health,
+        ids: ingest::EventIds::new(),
+    });
+    let server = tokio::spawn(ingest::serve(listener, Arc::clone(&api), stop_rx));
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    sealer.abort();
+    shipper.abort();
+    // Give handlers already waiting on the writer a moment to be answered.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    drop(api);
+    let b = Arc::clone(&buffer);
+    tokio::task::spawn_blocking(move || b.close()).await.ok();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// `keytrail-agent validate`: the config and every file it names.
+pub fn validate(config: &AgentConfig) -> Result<(), String> {
+    config.check_files()
+}

@@ -6,6 +6,7 @@ pub mod event;
 pub mod fingerprint;
 pub mod logging;
 pub mod pki;
+pub mod prom;
 pub mod time;
 pub mod tls;
 pub mod wire;

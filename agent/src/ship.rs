@@ -1,0 +1,520 @@
+//! Shipping: sealing pending events into batches on time, sending sealed batches to the
+//! collector over HTTPS (rustls, server verified, mTLS client certificate), and deciding what
+//! each answer means.
+//!
+//! Owns: the TLS connection to the collector, batch timing, retry with capped exponential
+//! backoff and full jitter (and `Retry-After`), the classification of answers (contract §6),
+//! and the shipping half of readiness. Does not own: what is on disk (buffer decides what the
+//! next batch is, and what ack / dead-letter do to it).
+//!
+//! One batch is in flight at a time, oldest first, so the collector sees an agent's batches in
+//! sequence order. Retries never give up: a batch leaves the buffer only by a 200 or by a
+//! permanent reject (400/413 → dead-letter store).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::buffer::{Buffer, SealedBatch};
+use crate::config::ShipConfig;
+use crate::telemetry::AgentMetrics;
+
+/// Longest answer body read from the collector.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// First retry delay; doubles per failure up to `backoff_max`.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest `Retry-After` honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+/// How often an idle agent checks that it can still reach the collector.
+const IDLE_PING: Duration = Duration::from_secs(5);
+
+/// What the last contact with the collector said; feeds `/readyz` and `/v1/status`.
+#[derive(Debug, Default)]
+pub struct ShipHealth {
+    inner: Mutex<HealthInner>,
+}
+
+#[derive(Debug, Default)]
+struct HealthInner {
+    ever_ok: bool,
+    last_error: Option<String>,
+    /// Set while failures last; cleared by a success.
+    failing_since: Option<Instant>,
+    /// A failure that retrying will not fix (certificate or authorization problem).
+    config_problem: bool,
+}
+
+impl ShipHealth {
+    fn ok(&self) {
+        let mut h = self.inner.lock().expect("ship health");
+        h.ever_ok = true;
+        h.last_error = None;
+        h.failing_since = None;
+        h.config_problem = false;
+    }
+
+    fn failed(&self, error: &ShipError) {
+        let mut h = self.inner.lock().expect("ship health");
+        h.last_error = Some(error.to_string());
+        h.failing_since.get_or_insert_with(Instant::now);
+        h.config_problem = error.is_config_problem();
+    }
+
+    /// The last error, if the last contact failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.inner.lock().expect("ship health").last_error.clone()
+    }
+
+    /// `None` when shipping is healthy, else why not.
+    pub fn not_ready_reason(&self, stall_after: Duration) -> Option<String> {
+        let h = self.inner.lock().expect("ship health");
+        let err = h.last_error.clone().unwrap_or_default();
+        if h.config_problem {
+            return Some(err);
+        }
+        if !h.ever_ok {
+            return Some(if err.is_empty() {
+                "not yet connected to the collector".into()
+            } else {
+                format!("not yet connected to the collector: {err}")
+            });
+        }
+        match h.failing_since {
+            Some(t) if t.elapsed() >= stall_after => {
+                Some(format!("shipping stalled for {}s: {err}", t.elapsed().as_secs()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Why a send did not end in 200, classified the way the retry logic needs.
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    /// 400/413: the batch will never be accepted.
+    #[error("collector rejected the batch permanently ({status}): {body}")]
+    Permanent { status: u16, body: String },
+    /// 401/403: this agent is not allowed; fix the configuration or certificates.
+    #[error("collector refused this agent ({status}): {body}")]
+    Unauthorized { status: u16, body: String },
+    /// 429/5xx and any unexpected status: try again later.
+    #[error("collector answered {status}: {body}")]
+    Retryable { status: u16, body: String, retry_after: Option<Duration> },
+    /// The TLS handshake failed because a certificate was refused, on either side.
+    #[error("TLS certificate problem: {0}")]
+    Certificate(String),
+    /// Connect, TLS, timeout or I/O: try again later.
+    #[error("cannot reach the collector: {0}")]
+    Network(String),
+}
+
+impl ShipError {
+    fn is_config_problem(&self) -> bool {
+        matches!(self, ShipError::Unauthorized { .. } | ShipError::Certificate(_))
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ShipError::Retryable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Classifies an I/O error of connect/handshake/request.
+    fn from_io(context: &str, e: &(dyn std::error::Error + 'static)) -> ShipError {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+                return classify_tls(context, tls);
+            }
+            cur = err.source();
+        }
+        ShipError::Network(format!("{context}: {e}"))
+    }
+}
+
+fn classify_tls(context: &str, e: &rustls::Error) -> ShipError {
+    match e {
+        rustls::Error::AlertReceived(alert) => {
+            ShipError::Certificate(format!("{context}: the collector rejected our client certificate ({alert:?})"))
+        }
+        rustls::Error::InvalidCertificate(why) => {
+            ShipError::Certificate(format!("{context}: the collector's certificate is not trusted ({why:?})"))
+        }
+        rustls::Error::NoCertificatesPresented => {
+            ShipError::Certificate(format!("{context}: the collector presented no certificate"))
+        }
+        other => ShipError::Network(format!("{context}: TLS error: {other}")),
+    }
+}
+
+/// Parses `Retry-After` (seconds form; HTTP dates are rare from our collector).
+fn parse_retry_after(v: Option<&http::HeaderValue>) -> Option<Duration> {
+    let secs: u64 = v?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+}
+
+/// An HTTPS connection to the collector, reopened on demand.
+pub struct CollectorClient {
+    host: String,
+    port: u16,
+    authority: String,
+    server_name: ServerName<'static>,
+    connector: TlsConnector,
+    timeout: Duration,
+    sender: Option<SendRequest<Full<Bytes>>>,
+}
+
+impl CollectorClient {
+    pub fn new(cfg: &ShipConfig) -> Result<CollectorClient, String> {
+        let uri: http::Uri = cfg.collector.parse().map_err(|e| format!("ship.collector {:?}: {e}", cfg.collector))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(format!("ship.collector {:?}: must be https://", cfg.collector));
+        }
+        let host = uri.host().ok_or_else(|| format!("ship.collector {:?}: no host", cfg.collector))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let port = uri.port_u16().unwrap_or(443);
+        let server_name = ServerName::try_from(host.clone())
+            .map_err(|e| format!("ship.collector host {host:?}: {e}"))?;
+        let pair = cfg.client_cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+        let tls = keytrail_common::tls::client_config(&cfg.ca, pair)?;
+        let authority = uri.authority().map(|a| a.to_string()).unwrap_or_else(|| host.clone());
+        Ok(CollectorClient {
+            host,
+            port,
+            authority,
+            server_name,
+            connector: TlsConnector::from(Arc::new(tls)),
+            timeout: cfg.request_timeout,
+            sender: None,
+        })
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, ShipError> {
+        let addrs: Vec<_> = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| ShipError::Network(format!("resolving {}: {e}", self.host)))?
+            .collect();
+        let mut last = ShipError::Network(format!("{} resolved to no address", self.host));
+        for addr in addrs {
+            let tcp = match TcpStream::connect(addr).await {
+                Ok(t) => t,
+                Err(e) => {
+                    last = ShipError::Network(format!("connecting to {addr}: {e}"));
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let tls = self
+                .connector
+                .connect(self.server_name.clone(), tcp)
+                .await
+                .map_err(|e| ShipError::from_io("TLS handshake", &e))?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| ShipError::from_io("HTTP handshake", &e))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "collector connection closed");
+                }
+            });
+            return Ok(sender);
+        }
+        Err(last)
+    }
+
+    /// Sends one request and reads the answer, within the request timeout.
+    pub async fn request(
+        &mut self,
+        method: http::Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), ShipError> {
+        let timeout = self.timeout;
+        match tokio::time::timeout(timeout, self.request_inner(method, path, body)).await {
+            Ok(r) => {
+                if r.is_err() {
+                    self.sender = None;
+                }
+                r
+            }
+            Err(_) => {
+                self.sender = None;
+                Err(ShipError::Network(format!("no answer within {}s", timeout.as_secs())))
+            }
+        }
+    }
+
+    async fn request_inner(
+        &mut self,
+        method: http::Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), ShipError> {
+        let reusable = match self.sender.as_mut() {
+            Some(s) => s.ready().await.is_ok(),
+            None => false,
+        };
+        if !reusable {
+            self.sender = Some(self.connect().await?);
+        }
+        let sender = self.sender.as_mut().expect("connected above");
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, &self.authority)
+            .header(http::header::CONTENT_TYPE, "application/x-keytrail-batch")
+            .body(Full::new(body))
+            .expect("static request parts are valid");
+        let resp = sender.send_request(req).await.map_err(|e| ShipError::from_io("sending", &e))?;
+        let (parts, body) = resp.into_parts();
+        let bytes = Limited::new(body, MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| ShipError::Network(format!("reading the answer: {e}")))?
+            .to_bytes();
+        Ok((parts.status, parts.headers, bytes))
+    }
+
+    /// Sends a sealed frame and classifies the answer.
+    pub async fn send_batch(&mut self, frame: Bytes) -> Result<(), ShipError> {
+        let (status, headers, body) = self.request(http::Method::POST, "/v1/batches", frame).await?;
+        classify(status, &headers, &body)
+    }
+
+    /// Checks that the collector accepts this agent (TLS, mTLS, route) without sending data.
+    pub async fn ping(&mut self) -> Result<(), ShipError> {
+        let (status, headers, body) = self.request(http::Method::GET, "/v1/ping", Bytes::new()).await?;
+        classify(status, &headers, &body)
+    }
+}
+
+/// Maps a collector answer to contract §6's classes.
+pub fn classify(status: StatusCode, headers: &http::HeaderMap, body: &[u8]) -> Result<(), ShipError> {
+    let text = || {
+        let s = String::from_utf8_lossy(&body[..body.len().min(512)]).trim().to_string();
+        if s.is_empty() { "(no body)".to_string() } else { s }
+    };
+    let code = status.as_u16();
+    match code {
+        200..=299 => Ok(()),
+        400 | 413 => Err(ShipError::Permanent { status: code, body: text() }),
+        401 | 403 => Err(ShipError::Unauthorized { status: code, body: text() }),
+        _ => Err(ShipError::Retryable {
+            status: code,
+            body: text(),
+            retry_after: parse_retry_after(headers.get(http::header::RETRY_AFTER)),
+        }),
+    }
+}
+
+/// Full-jitter backoff: uniform in `[0, min(cap, base * 2^attempt)]`, but never shorter than
+/// a `Retry-After` the collector asked for.
+pub fn backoff(attempt: u32, cap: Duration, retry_after: Option<Duration>) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(20)).min(cap);
+    let jittered = Duration::from_nanos(fastrand::u64(0..=exp.as_nanos() as u64));
+    match retry_after {
+        Some(ra) => jittered.max(ra),
+        None => jittered,
+    }
+}
+
+/// Seals pending events when a batch is full or `batch_timeout` has passed.
+pub async fn run_sealer(buffer: Arc<Buffer>, timeout: Duration, shutdown: tokio::sync::watch::Receiver<bool>) {
+    let tick = (timeout / 4).max(Duration::from_millis(5));
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if buffer.seal_due(timeout) {
+            let b = Arc::clone(&buffer);
+            match tokio::task::spawn_blocking(move || b.seal_one()).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "sealing a batch failed; will retry");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "sealer task failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = buffer.pending_grew.notified() => {}
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
+/// Sends sealed batches oldest first, forever; never drops one on a retryable failure.
+pub async fn run_shipper(
+    buffer: Arc<Buffer>,
+    mut client: CollectorClient,
+    cfg: ShipConfig,
+    health: Arc<ShipHealth>,
+    metrics: Arc<AgentMetrics>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut attempt: u32 = 0;
+    let mut last_contact: Option<Instant> = None;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let b = Arc::clone(&buffer);
+        let next = match tokio::task::spawn_blocking(move || b.next_sealed()).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "reading the next sealed batch failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let Some(batch) = next else {
+            // Idle: keep readiness honest by checking the collector now and then.
+            if last_contact.is_none_or(|t| t.elapsed() >= IDLE_PING) || attempt > 0 {
+                match client.ping().await {
+                    Ok(()) => {
+                        health.ok();
+                        attempt = 0;
+                        last_contact = Some(Instant::now());
+                    }
+                    Err(e) => {
+                        note_failure(&health, &metrics, &e, "ping");
+                        let wait = backoff(attempt, cfg.backoff_max, e.retry_after());
+                        attempt = attempt.saturating_add(1);
+                        wait_or_data(&buffer, wait).await;
+                        continue;
+                    }
+                }
+            }
+            wait_or_data(&buffer, IDLE_PING).await;
+            continue;
+        };
+        match client.send_batch(Bytes::from(batch.frame.clone())).await {
+            Ok(()) => {
+                health.ok();
+                attempt = 0;
+                last_contact = Some(Instant::now());
+                metrics.sent.add(batch.events as u64);
+                metrics.ship_batches.add(&["ok"], 1);
+                finish(&buffer, batch, None).await;
+            }
+            Err(ShipError::Permanent { status, body }) => {
+                // The collector answered, so shipping itself works.
+                health.ok();
+                last_contact = Some(Instant::now());
+                let reason = format!("{status}: {body}");
+                tracing::error!(seq = batch.seq.0, events = batch.events, %reason,
+                    "collector rejected a batch permanently: moved to the dead-letter store");
+                metrics.ship_batches.add(&["dead_letter"], 1);
+                finish(&buffer, batch, Some(reason)).await;
+            }
+            Err(e) => {
+                buffer.release();
+                note_failure(&health, &metrics, &e, "send");
+                metrics.ship_batches.add(&["retry"], 1);
+                let wait = backoff(attempt, cfg.backoff_max, e.retry_after());
+                attempt = attempt.saturating_add(1);
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+async fn wait_or_data(buffer: &Buffer, wait: Duration) {
+    tokio::select! {
+        _ = buffer.sealed_ready.notified() => {}
+        _ = tokio::time::sleep(wait) => {}
+    }
+}
+
+fn note_failure(health: &ShipHealth, metrics: &AgentMetrics, e: &ShipError, what: &str) {
+    let kind = match e {
+        ShipError::Permanent { .. } => "permanent",
+        ShipError::Unauthorized { .. } => "unauthorized",
+        ShipError::Retryable { .. } => "retryable_status",
+        ShipError::Certificate(_) => "certificate",
+        ShipError::Network(_) => "network",
+    };
+    metrics.errors.add(&["ship", kind], 1);
+    if e.is_config_problem() {
+        tracing::error!(error = %e, what, "collector refuses this agent: fix certificates or configuration");
+    } else {
+        tracing::warn!(error = %e, what, "shipping failed; will retry");
+    }
+    health.failed(e);
+}
+
+async fn finish(buffer: &Arc<Buffer>, batch: SealedBatch, dead_reason: Option<String>) {
+    let b = Arc::clone(buffer);
+    let result = tokio::task::spawn_blocking(move || match dead_reason {
+        None => b.ack(&batch),
+        Some(reason) => b.dead_letter(&batch, &reason),
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "updating the buffer after a send failed; the batch will be resent"),
+        Err(e) => tracing::error!(error = %e, "buffer update task failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_classified() {
+        let h = http::HeaderMap::new();
+        assert!(classify(StatusCode::OK, &h, b"").is_ok());
+        assert!(matches!(classify(StatusCode::BAD_REQUEST, &h, b"x"), Err(ShipError::Permanent { .. })));
+        assert!(matches!(classify(StatusCode::PAYLOAD_TOO_LARGE, &h, b""), Err(ShipError::Permanent { .. })));
+        assert!(matches!(classify(StatusCode::FORBIDDEN, &h, b""), Err(ShipError::Unauthorized { .. })));
+        let mut ra = http::HeaderMap::new();
+        ra.insert(http::header::RETRY_AFTER, "7".parse().unwrap());
+        match classify(StatusCode::TOO_MANY_REQUESTS, &ra, b"") {
+            Err(ShipError::Retryable { retry_after, .. }) => assert_eq!(retry_after, Some(Duration::from_secs(7))),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(classify(StatusCode::SERVICE_UNAVAILABLE, &h, b""), Err(ShipError::Retryable { .. })));
+    }
+
+    #[test]
+    fn backoff_is_capped_jittered_and_respects_retry_after() {
+        let cap = Duration::from_secs(5);
+        for attempt in 0..40 {
+            let d = backoff(attempt, cap, None);
+            assert!(d <= cap);
+            assert!(d <= BACKOFF_BASE.saturating_mul(1 << attempt.min(20)));
+        }
+        assert!(backoff(0, cap, Some(Duration::from_secs(3))) >= Duration::from_secs(3));
+        // Full jitter: over many draws at a high attempt, values spread across [0, cap].
+        let draws: Vec<_> = (0..200).map(|_| backoff(30, cap, None)).collect();
+        assert!(draws.iter().any(|d| *d < cap / 4) && draws.iter().any(|d| *d > cap * 3 / 4));
+    }
+
+    #[test]
+    fn readiness_reasons() {
+        let h = ShipHealth::default();
+        assert!(h.not_ready_reason(Duration::from_secs(30)).unwrap().contains("not yet connected"));
+        h.ok();
+        assert!(h.not_ready_reason(Duration::from_secs(30)).is_none());
+        h.failed(&ShipError::Network("down".into()));
+        assert!(h.not_ready_reason(Duration::from_secs(30)).is_none(), "a short blip keeps readiness");
+        assert!(h.not_ready_reason(Duration::ZERO).unwrap().contains("stalled"));
+        h.failed(&ShipError::Certificate("bad cert".into()));
+        assert!(h.not_ready_reason(Duration::from_secs(30)).unwrap().contains("bad cert"));
+    }
+}
