@@ -1,1 +1,104 @@
+//! keytrail-collector: receives batches from agents, deduplicates and stores them, and serves
+//! analysts. Reads as `receive` (TLS, caps, identity) → `dedup` (what is new) → `store` (the
+//! only sled user) → `api` (analyst routes). `errors` is the one status-code table; `config`
+//! parses contract §3; `telemetry` holds the counters.
 
+pub mod api;
+pub mod config;
+pub mod dedup;
+pub mod errors;
+pub mod receive;
+pub mod store;
+pub mod telemetry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use keytrail_common::wire::DecodeLimits;
+
+use crate::config::CollectorConfig;
+use crate::store::Store;
+use crate::telemetry::CollectorMetrics;
+
+/// How often retention runs (and once shortly after start).
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Runs the collector until SIGTERM or SIGINT.
+///
+/// Shutdown order: stop accepting on both ports → let the store writer finish the group it
+/// holds (agents whose request was cut off resend; duplicates are harmless) → final flush.
+pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
+    let token = config.read_token().map_err(anyhow::Error::msg)?;
+    let tls = keytrail_common::tls::server_config(&config.cert, &config.key, config.client_ca.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    let (dir, cache, dedup, raw) = (config.data_dir.clone(), config.cache_bytes, config.dedup_window, config.raw_events);
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir, cache, dedup, raw)).await??;
+    let writer = store.start_writer();
+    let metrics = Arc::new(CollectorMetrics::default());
+    let recv_listener = tokio::net::TcpListener::bind(config.receive_listen)
+        .await
+        .with_context(|| format!("binding the receive port {}", config.receive_listen))?;
+    let api_listener = tokio::net::TcpListener::bind(config.api_listen)
+        .await
+        .with_context(|| format!("binding the API port {}", config.api_listen))?;
+    tracing::info!(
+        receive = %recv_listener.local_addr()?,
+        api = %api_listener.local_addr()?,
+        mtls = config.client_ca.is_some(),
+        data_dir = %config.data_dir.display(),
+        token = token.is_some(),
+        "keytrail-collector started"
+    );
+    let receiver = Arc::new(receive::Receiver {
+        writer,
+        limits: DecodeLimits {
+            max_frame_bytes: receive::Receiver::frame_cap(config.max_batch_bytes),
+            max_uncompressed_bytes: config.max_batch_bytes as usize,
+            max_events: config.max_batch_events,
+        },
+        mtls: config.client_ca.is_some(),
+        metrics: Arc::clone(&metrics),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let recv = tokio::spawn(receive::serve(recv_listener, acceptor, receiver, stop_rx.clone()));
+    let api = Arc::new(api::Api { store: Arc::clone(&store), metrics, token });
+    let api_task = tokio::spawn(api::serve(api_listener, api, stop_rx));
+    let purge_store = Arc::clone(&store);
+    let purge = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        loop {
+            let s = Arc::clone(&purge_store);
+            match tokio::task::spawn_blocking(move || s.purge(keytrail_common::time::now_ns())).await {
+                Ok(Ok((raw, dedup))) if raw + dedup > 0 => {
+                    tracing::info!(raw_events = raw, dedup_keys = dedup, "retention purge")
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "retention purge failed"),
+                _ => {}
+            }
+            tokio::time::sleep(PURGE_EVERY).await;
+        }
+    });
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = recv.await;
+    let _ = api_task.await;
+    purge.abort();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let s = Arc::clone(&store);
+    tokio::task::spawn_blocking(move || s.close()).await.ok();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

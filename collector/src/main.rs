@@ -1,1 +1,88 @@
-fn main() {}
+//! `keytrail-collector`: parses the command line, starts logging and the runtime, maps failure
+//! to an exit code. Everything else is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use keytrail_collector::config::{CollectorConfig, Overrides};
+use keytrail_common::logging::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "keytrail-collector", version, about = "keytrail collector: receives, deduplicates, stores and serves license events")]
+struct Cli {
+    /// Log format on stderr: human or json.
+    #[arg(long, global = true, default_value = "human")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the collector.
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory (overrides data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Receive address for agents (overrides [receive].listen).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Analyst API address (overrides [api].listen).
+        #[arg(long)]
+        api_listen: Option<String>,
+    },
+    /// Write a development PKI (CA, collector and agent certificates) into a directory.
+    Certs {
+        #[arg(long)]
+        out: PathBuf,
+        /// Host name or IP for the collector certificate (repeatable; default localhost and 127.0.0.1).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Agent id to issue a client certificate for (repeatable).
+        #[arg(long = "agent")]
+        agents: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    keytrail_common::tls::install_crypto_provider();
+    match cli.command {
+        Command::Serve { config, data_dir, listen, api_listen } => {
+            let overrides = Overrides { data_dir, listen, api_listen };
+            let config = match CollectorConfig::load(config.as_deref(), &overrides) {
+                Ok(c) => c,
+                Err(e) => return fail(&e),
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => return fail(&format!("starting the runtime: {e}")),
+            };
+            match runtime.block_on(keytrail_collector::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("{e:#}")),
+            }
+        }
+        Command::Certs { out, hosts, agents } => match keytrail_common::pki::write_dev_pki(&out, &hosts, &agents) {
+            Ok(w) => {
+                if w.reused_ca {
+                    println!("reused the CA in {}", out.display());
+                }
+                for f in w.files {
+                    println!("wrote {}", out.join(f).display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("keytrail-collector: {message}");
+    ExitCode::FAILURE
+}

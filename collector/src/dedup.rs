@@ -1,0 +1,81 @@
+//! Deduplication decisions: which events of a batch are new.
+//!
+//! Owns the rule, not the memory of what was seen: the caller (the store's writer, the only
+//! place that serialises ingestion) supplies a lookup for ids already stored. An event is a
+//! duplicate when its `id` was stored before (within `retention.dedup_window`), or appeared
+//! earlier in the same group of batches; the first stored copy wins (metrics.md, common rules).
+//! Batch-level dedup (same agent and sequence with the same frame checksum) is decided by the
+//! store before this runs: a retried batch never reaches the event check.
+
+use std::collections::HashSet;
+
+use keytrail_common::event::Event;
+
+/// The outcome for one batch: indexes of the events to store, and how many were duplicates.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub new: Vec<usize>,
+    pub duplicates: u32,
+}
+
+/// Splits `events` into new ones and duplicates. `seen_before` answers for ids stored by
+/// earlier groups; `seen_now` collects ids of this group (shared across the group's batches)
+/// and is updated with every new id.
+pub fn plan(
+    events: &[Event],
+    seen_before: impl Fn(&str) -> bool,
+    seen_now: &mut HashSet<String>,
+) -> Plan {
+    let mut plan = Plan::default();
+    for (i, e) in events.iter().enumerate() {
+        if seen_now.contains(&e.id) || seen_before(&e.id) {
+            plan.duplicates += 1;
+        } else {
+            seen_now.insert(e.id.clone());
+            plan.new.push(i);
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keytrail_common::event::{EventType, ResultCode, Usage};
+
+    fn ev(id: &str) -> Event {
+        Event {
+            id: id.into(),
+            event_type: EventType::PaymentFailed,
+            time: 0,
+            agent_id: "a".into(),
+            license: None,
+            customer: None,
+            product: None,
+            plan: None,
+            previous_plan: None,
+            region: None,
+            user: None,
+            domain: None,
+            version: None,
+            feature: None,
+            machine: None,
+            country: None,
+            deployment: None,
+            result: ResultCode::Valid,
+            expires_at: None,
+            usage: Usage::default(),
+            attrs: vec![],
+        }
+    }
+
+    #[test]
+    fn first_copy_wins_within_and_across_batches() {
+        let mut now = HashSet::new();
+        let stored = ["old"];
+        let p = plan(&[ev("a"), ev("old"), ev("a"), ev("b")], |id| stored.contains(&id), &mut now);
+        assert_eq!(p, Plan { new: vec![0, 3], duplicates: 2 });
+        let p = plan(&[ev("b"), ev("c")], |_| false, &mut now);
+        assert_eq!(p, Plan { new: vec![1], duplicates: 1 });
+    }
+}

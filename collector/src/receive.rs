@@ -1,0 +1,190 @@
+//! Receiving batches from agents (contract §6): TLS always, mTLS when `client_ca` is set.
+//!
+//! Owns: the TLS listener, the agent's identity (the certificate's CN under mTLS; the frame's
+//! agent id otherwise), body caps before and after decompression, and mapping every failure
+//! to a classified answer through `errors`. Does not own: dedup or storage — a decoded batch
+//! goes to the store writer, and the answer waits for it to be durable.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use keytrail_common::wire::{self, DecodeLimits};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::errors::ApiError;
+use crate::store::{IncomingBatch, StoreWriter};
+use crate::telemetry::CollectorMetrics;
+
+/// A TLS handshake must finish within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The request head must arrive within this (slow-loris guard).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The whole body must arrive within this.
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Shared state of the receive side.
+pub struct Receiver {
+    pub writer: StoreWriter,
+    pub limits: DecodeLimits,
+    /// Whether agents authenticate with a certificate (their id is its CN).
+    pub mtls: bool,
+    pub metrics: Arc<CollectorMetrics>,
+}
+
+impl Receiver {
+    /// Frame cap derived from the uncompressed cap: zstd never expands by more than a small
+    /// fraction, and the header adds at most 64 KiB.
+    pub fn frame_cap(max_batch_bytes: u64) -> usize {
+        (max_batch_bytes + max_batch_bytes / 64 + (64 << 10)) as usize
+    }
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    receiver: Arc<Receiver>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let receiver = Arc::clone(&receiver);
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    receiver.metrics.errors.add(&["receive", "tls_handshake"], 1);
+                    tracing::warn!(%peer, error = %e, "TLS handshake with an agent failed");
+                    return;
+                }
+                Err(_) => {
+                    receiver.metrics.errors.add(&["receive", "tls_handshake_timeout"], 1);
+                    return;
+                }
+            };
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(keytrail_common::tls::common_name);
+            let identity = Arc::new(identity);
+            let service = service_fn(move |req| {
+                let receiver = Arc::clone(&receiver);
+                let identity = Arc::clone(&identity);
+                async move {
+                    let resp = match route(&receiver, identity.as_deref(), req).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            receiver.metrics.errors.add(&["receive", e.code], 1);
+                            if e.status.is_client_error() {
+                                tracing::warn!(%peer, agent = ?identity, status = e.status.as_u16(), error = %e.message, "batch refused");
+                            }
+                            e.into_response()
+                        }
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
+                tracing::debug!(%peer, error = %e, "agent connection ended with an error");
+            }
+        });
+    }
+}
+
+fn ok_json(value: serde_json::Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(value.to_string())))
+        .expect("valid response")
+}
+
+async fn route(r: &Receiver, identity: Option<&str>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/v1/ping") => Ok(ok_json(serde_json::json!({"ok": true, "agent_id": identity}))),
+        (&Method::POST, "/v1/batches") => receive(r, identity, req).await,
+        (_, "/v1/ping" | "/v1/batches") => {
+            Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed"))
+        }
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route on the receive port")),
+    }
+}
+
+async fn receive(r: &Receiver, identity: Option<&str>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    if r.mtls && identity.is_none() {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "no_client_certificate", "a client certificate is required"));
+    }
+    let cap = r.limits.max_frame_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > cap as u64) {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "frame_too_large", format!("body over {cap} bytes")));
+    }
+    let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), cap).collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "frame_too_large", format!("body over {cap} bytes")))
+        }
+        Ok(Err(e)) => return Err(ApiError::new(StatusCode::BAD_REQUEST, "body_read_failed", format!("reading the body: {e}"))),
+        Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", "the body did not arrive in time")),
+    };
+    // Cheap checks first: who is this, before spending CPU on decompression.
+    let header = wire::read_header(&body, &r.limits)?;
+    if let Some(id) = identity {
+        if id != header.agent_id {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "agent_id_mismatch",
+                format!("the batch claims agent id {:?} but the client certificate is for {id:?}", header.agent_id),
+            ));
+        }
+    }
+    let limits = r.limits;
+    let decoded = tokio::task::spawn_blocking(move || {
+        let crc = u32::from_be_bytes(body[body.len() - 4..].try_into().expect("frame has a trailer"));
+        wire::decode_frame(&body, &limits).map(|b| (b, crc))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("decode task: {e}")))?;
+    let (batch, frame_crc) = match decoded {
+        Ok(x) => x,
+        Err(e) => {
+            r.metrics.batches.add(&["rejected"], 1);
+            return Err(e.into());
+        }
+    };
+    let incoming = IncomingBatch {
+        agent_id: batch.header.agent_id,
+        seq: batch.header.seq,
+        frame_crc,
+        events: batch.events,
+    };
+    let outcome = r.writer.ingest(incoming).await?;
+    r.metrics.batches.add(&[if outcome.duplicate_batch { "duplicate" } else { "stored" }], 1);
+    Ok(ok_json(serde_json::to_value(outcome).expect("serializable")))
+}
