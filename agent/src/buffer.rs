@@ -255,7 +255,11 @@ struct Chunk<'a> {
 
 fn parse_chunk(r: &[u8]) -> Option<Chunk<'_>> {
     let b = open_record(r, 12)?;
-    Some(Chunk { count: be_u32(b, 0), arrived: be_i64(b, 4), records: &b[12..] })
+    Some(Chunk {
+        count: be_u32(b, 0),
+        arrived: be_i64(b, 4),
+        records: &b[12..],
+    })
 }
 
 struct Sealed<'a> {
@@ -266,7 +270,11 @@ struct Sealed<'a> {
 
 fn parse_sealed(r: &[u8]) -> Option<Sealed<'_>> {
     let b = open_record(r, 20)?;
-    Some(Sealed { count: be_u32(b, 0), first_arrived: be_i64(b, 12), frame: &b[20..] })
+    Some(Sealed {
+        count: be_u32(b, 0),
+        first_arrived: be_i64(b, 12),
+        frame: &b[20..],
+    })
 }
 
 struct Dead<'a> {
@@ -280,7 +288,12 @@ fn parse_dead(r: &[u8]) -> Option<Dead<'_>> {
     let b = open_record(r, 14)?;
     let len = u16::from_be_bytes(b[12..14].try_into().ok()?) as usize;
     let reason = std::str::from_utf8(b.get(14..14 + len)?).ok()?;
-    Some(Dead { count: be_u32(b, 0), dead_at: be_i64(b, 4), reason, frame: &b[14 + len..] })
+    Some(Dead {
+        count: be_u32(b, 0),
+        dead_at: be_i64(b, 4),
+        reason,
+        frame: &b[14 + len..],
+    })
 }
 
 fn dead_record(count: u32, reason: &str, frame: &[u8]) -> Vec<u8> {
@@ -296,7 +309,10 @@ fn dead_record(count: u32, reason: &str, frame: &[u8]) -> Vec<u8> {
 
 /// Opens sled; a panic inside sled (it panics on some corruptions) becomes an error.
 fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, String> {
-    let config = sled::Config::new().path(dir).cache_capacity(cache_bytes).flush_every_ms(Some(1000));
+    let config = sled::Config::new()
+        .path(dir)
+        .cache_capacity(cache_bytes)
+        .flush_every_ms(Some(1000));
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open())) {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(e)) => Err(e.to_string()),
@@ -313,13 +329,18 @@ impl Buffer {
         limits: BufferLimits,
         metrics: Arc<AgentMetrics>,
     ) -> Result<Arc<Buffer>, BufferError> {
-        let open_err = |message: String| BufferError::Open { path: dir.to_path_buf(), message };
+        let open_err = |message: String| BufferError::Open {
+            path: dir.to_path_buf(),
+            message,
+        };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         let mut recovered_from = None;
         let db = match open_db(dir, limits.cache_bytes) {
             Ok(db) => db,
             Err(e) if e.contains("lock") => {
-                return Err(open_err(format!("{e} (is another keytrail-agent using this directory?)")))
+                return Err(open_err(format!(
+                    "{e} (is another keytrail-agent using this directory?)"
+                )))
             }
             Err(e) => {
                 let aside = PathBuf::from(format!("{}.corrupt-{}", dir.display(), now_ns() / 1_000_000_000));
@@ -366,7 +387,12 @@ impl Buffer {
             log_file,
             agent_id,
             limits,
-            state: Mutex::new(Mutable { counts: Counts::default(), next_chunk: 0, next_seq, next_quarantine: 0 }),
+            state: Mutex::new(Mutable {
+                counts: Counts::default(),
+                next_chunk: 0,
+                next_seq,
+                next_quarantine: 0,
+            }),
             layout: Mutex::new(()),
             durable_seq: AtomicU64::new(next_seq),
             in_flight: AtomicU64::new(u64::MAX),
@@ -412,7 +438,13 @@ impl Buffer {
             counts.dead_batches += 1;
             counts.dead_bytes += v.len() as u64;
         }
-        let next_quarantine = self.db.scan_prefix([Q]).keys().next_back().transpose()?.map_or(0, |k| key_num(&k) + 1);
+        let next_quarantine = self
+            .db
+            .scan_prefix([Q])
+            .keys()
+            .next_back()
+            .transpose()?
+            .map_or(0, |k| key_num(&k) + 1);
         {
             let mut st = self.state.lock().expect("buffer state");
             st.counts = counts;
@@ -429,7 +461,11 @@ impl Buffer {
     /// Moves an unreadable record to `q`, counting what it held as dropped.
     fn quarantine(&self, k: &[u8], v: &[u8]) -> Result<(), BufferError> {
         // The count field may itself be damaged; believe it only when plausible.
-        let count = if v.len() >= 9 { be_u32(v, 5).min(1_000_000) as u64 } else { 0 };
+        let count = if v.len() >= 9 {
+            be_u32(v, 5).min(1_000_000) as u64
+        } else {
+            0
+        };
         let n = {
             let mut st = self.state.lock().expect("buffer state");
             st.next_quarantine += 1;
@@ -473,7 +509,9 @@ impl Buffer {
 
     fn publish_gauges(&self) {
         let c = self.counts();
-        self.metrics.buffer_events.set((c.pending_events + c.sealed_events) as i64);
+        self.metrics
+            .buffer_events
+            .set((c.pending_events + c.sealed_events) as i64);
         self.metrics.buffer_bytes.set(c.total_bytes() as i64);
     }
 
@@ -598,11 +636,19 @@ impl Buffer {
                 return Ok(());
             }
             if self.limits.when_full == WhenFull::Reject {
-                return Err(AppendError::Full { buffered: used, max: self.limits.max_bytes });
+                return Err(AppendError::Full {
+                    buffered: used,
+                    max: self.limits.max_bytes,
+                });
             }
             match self.drop_oldest() {
                 Ok(true) => continue,
-                Ok(false) => return Err(AppendError::Full { buffered: used, max: self.limits.max_bytes }),
+                Ok(false) => {
+                    return Err(AppendError::Full {
+                        buffered: used,
+                        max: self.limits.max_bytes,
+                    })
+                }
                 Err(e) => return Err(AppendError::Storage(e.to_string())),
             }
         }
@@ -626,7 +672,11 @@ impl Buffer {
             st.counts.sealed_batches = st.counts.sealed_batches.saturating_sub(1);
             drop(st);
             self.metrics.discarded.add(&["drop_oldest"], count as u64);
-            tracing::warn!(seq = key_num(&k), events = count, "buffer full: dropped the oldest sealed batch");
+            tracing::warn!(
+                seq = key_num(&k),
+                events = count,
+                "buffer full: dropped the oldest sealed batch"
+            );
             self.publish_gauges();
             return Ok(true);
         }
@@ -764,7 +814,9 @@ impl Buffer {
     pub fn next_sealed(&self) -> Result<Option<SealedBatch>, BufferError> {
         let limit = self.durable_seq.load(Ordering::Acquire);
         loop {
-            let Some(item) = self.db.scan_prefix([S]).next() else { return Ok(None) };
+            let Some(item) = self.db.scan_prefix([S]).next() else {
+                return Ok(None);
+            };
             let (k, v) = item?;
             let seq = key_num(&k);
             if seq >= limit {
@@ -773,7 +825,11 @@ impl Buffer {
             match parse_sealed(&v) {
                 Some(s) => {
                     self.in_flight.store(seq, Ordering::Relaxed);
-                    return Ok(Some(SealedBatch { seq: BatchSeq(seq), events: s.count, frame: s.frame.to_vec() }));
+                    return Ok(Some(SealedBatch {
+                        seq: BatchSeq(seq),
+                        events: s.count,
+                        frame: s.frame.to_vec(),
+                    }));
                 }
                 None => {
                     let _layout = self.layout.lock().expect("buffer layout");
@@ -806,7 +862,9 @@ impl Buffer {
         let _layout = self.layout.lock().expect("buffer layout");
         self.in_flight.store(u64::MAX, Ordering::Relaxed);
         let k = key(S, batch.seq.0);
-        let Some(v) = self.db.get(k)? else { return Ok(()) };
+        let Some(v) = self.db.get(k)? else {
+            return Ok(());
+        };
         let dead = dead_record(batch.events, reason, &batch.frame);
         let dead_len = dead.len() as u64;
         let mut b = sled::Batch::default();
@@ -824,7 +882,9 @@ impl Buffer {
         }
         // Dead letters may use a tenth of the cap; the oldest go first.
         while self.counts().dead_bytes > self.limits.max_bytes / 10 {
-            let Some(item) = self.db.scan_prefix([D]).next() else { break };
+            let Some(item) = self.db.scan_prefix([D]).next() else {
+                break;
+            };
             let (k, v) = item?;
             let count = parse_dead(&v).map_or(0, |d| d.count);
             self.db.remove(&k)?;
@@ -833,7 +893,11 @@ impl Buffer {
             st.counts.dead_bytes = st.counts.dead_bytes.saturating_sub(v.len() as u64);
             drop(st);
             self.metrics.discarded.add(&["dead_letter_overflow"], count as u64);
-            tracing::error!(seq = key_num(&k), events = count, "dead-letter store over its share of the cap: oldest dead letter deleted");
+            tracing::error!(
+                seq = key_num(&k),
+                events = count,
+                "dead-letter store over its share of the cap: oldest dead letter deleted"
+            );
         }
         drop(_layout);
         self.publish_gauges();
@@ -888,7 +952,10 @@ impl Appender {
     /// Makes `count` wire records durable; resolves after the group commit's flush.
     pub async fn append(&self, records: Vec<u8>, count: u32) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Append { records, count, reply }).await.map_err(|_| AppendError::Closed)?;
+        self.tx
+            .send(Append { records, count, reply })
+            .await
+            .map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
 }
@@ -933,7 +1000,14 @@ mod tests {
     }
 
     fn limits(max_bytes: u64, when_full: WhenFull, batch: u32) -> BufferLimits {
-        BufferLimits { max_bytes, when_full, cache_bytes: 1 << 20, batch_max_events: batch, batch_max_bytes: 1 << 20, zstd_level: 1 }
+        BufferLimits {
+            max_bytes,
+            when_full,
+            cache_bytes: 1 << 20,
+            batch_max_events: batch,
+            batch_max_bytes: 1 << 20,
+            zstd_level: 1,
+        }
     }
 
     fn tmp(name: &str) -> PathBuf {
@@ -1004,7 +1078,13 @@ mod tests {
         let dir = tmp("reseal");
         let metrics = Arc::new(AgentMetrics::default());
         let (first_frame, first_seq) = {
-            let b = Buffer::open(&dir, Some("a"), limits(64 << 20, WhenFull::Reject, 1000), metrics.clone()).unwrap();
+            let b = Buffer::open(
+                &dir,
+                Some("a"),
+                limits(64 << 20, WhenFull::Reject, 1000),
+                metrics.clone(),
+            )
+            .unwrap();
             let (recs, n) = records(0..5);
             let app = b.start_writer();
             app.append(recs, n).await.unwrap();
@@ -1035,12 +1115,21 @@ mod tests {
         for _ in 0..3 {
             app.append(recs.clone(), n).await.unwrap();
         }
-        assert!(matches!(app.append(recs.clone(), n).await, Err(AppendError::Full { .. })));
+        assert!(matches!(
+            app.append(recs.clone(), n).await,
+            Err(AppendError::Full { .. })
+        ));
         assert_eq!(b.counts().pending_events, 300);
         shut(b, app);
         std::fs::remove_dir_all(&dir).unwrap();
 
-        let b = Buffer::open(&dir, Some("a"), limits(cap, WhenFull::DropOldest, 1000), metrics.clone()).unwrap();
+        let b = Buffer::open(
+            &dir,
+            Some("a"),
+            limits(cap, WhenFull::DropOldest, 1000),
+            metrics.clone(),
+        )
+        .unwrap();
         let app = b.start_writer();
         for r in 0..5u64 {
             let (recs, n) = records(r * 100..r * 100 + 100);
@@ -1049,14 +1138,23 @@ mod tests {
         assert_eq!(metrics.discarded.get(&["drop_oldest"]), 200);
         let ids = drain_ids(&b);
         assert_eq!(ids.len(), 300);
-        assert!(ids.contains(&"e00499".to_string()) && !ids.contains(&"e00000".to_string()), "oldest went first");
+        assert!(
+            ids.contains(&"e00499".to_string()) && !ids.contains(&"e00000".to_string()),
+            "oldest went first"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dead_letters_are_kept_and_listed() {
         let dir = tmp("dead");
-        let b = Buffer::open(&dir, Some("a"), limits(64 << 20, WhenFull::Reject, 1000), Arc::default()).unwrap();
+        let b = Buffer::open(
+            &dir,
+            Some("a"),
+            limits(64 << 20, WhenFull::Reject, 1000),
+            Arc::default(),
+        )
+        .unwrap();
         let (recs, n) = records(0..3);
         b.start_writer().append(recs, n).await.unwrap();
         b.seal_one().unwrap();
@@ -1064,7 +1162,10 @@ mod tests {
         b.dead_letter(&s, "400 invalid frame").unwrap();
         assert!(b.next_sealed().unwrap().is_none());
         let dl = b.dead_letters(10);
-        assert_eq!((dl.len(), dl[0].events, dl[0].reason.as_str()), (1, 3, "400 invalid frame"));
+        assert_eq!(
+            (dl.len(), dl[0].events, dl[0].reason.as_str()),
+            (1, 3, "400 invalid frame")
+        );
         assert_eq!(b.counts().dead_batches, 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -1074,7 +1175,13 @@ mod tests {
         let dir = tmp("corrupt");
         let metrics = Arc::new(AgentMetrics::default());
         {
-            let b = Buffer::open(&dir, Some("a"), limits(64 << 20, WhenFull::Reject, 1000), metrics.clone()).unwrap();
+            let b = Buffer::open(
+                &dir,
+                Some("a"),
+                limits(64 << 20, WhenFull::Reject, 1000),
+                metrics.clone(),
+            )
+            .unwrap();
             let (recs, n) = records(0..4);
             let mut r = chunk_record(n, 1, &recs);
             let last = r.len() - 1;
@@ -1095,7 +1202,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("conf"), b"\xff\xfe garbage that is not a sled config").unwrap();
         std::fs::write(dir.join("db"), vec![0xAB; 4096]).unwrap();
-        let b = Buffer::open(&dir, Some("a"), limits(64 << 20, WhenFull::Reject, 1000), Arc::default()).unwrap();
+        let b = Buffer::open(
+            &dir,
+            Some("a"),
+            limits(64 << 20, WhenFull::Reject, 1000),
+            Arc::default(),
+        )
+        .unwrap();
         let aside = b.recovered_from.clone().expect("moved aside");
         assert!(aside.exists());
         drop(b);

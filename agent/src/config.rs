@@ -193,19 +193,34 @@ impl AgentConfig {
         let country = c.country.map(|x| x.to_ascii_uppercase()).filter(|x| {
             let ok = is_country_code(x);
             if !ok {
-                err(format!("context.country {x:?}: use an ISO 3166-1 alpha-2 code such as DE"));
+                err(format!(
+                    "context.country {x:?}: use an ISO 3166-1 alpha-2 code such as DE"
+                ));
             }
             ok
         });
-        for (name, v) in [("customer", &c.customer), ("product", &c.product), ("region", &c.region)] {
+        for (name, v) in [
+            ("customer", &c.customer),
+            ("product", &c.product),
+            ("region", &c.region),
+        ] {
             if v.as_ref().is_some_and(|s| s.len() > 256) {
                 err(format!("context.{name} is longer than 256 bytes"));
             }
         }
-        let context = Context { customer: c.customer, product: c.product, region: c.region, country, deployment };
+        let context = Context {
+            customer: c.customer,
+            product: c.product,
+            region: c.region,
+            country,
+            deployment,
+        };
 
-        let listen_text =
-            o.ingest_listen.clone().or(raw.ingest.listen).unwrap_or_else(|| DEFAULT_INGEST_LISTEN.into());
+        let listen_text = o
+            .ingest_listen
+            .clone()
+            .or(raw.ingest.listen)
+            .unwrap_or_else(|| DEFAULT_INGEST_LISTEN.into());
         let ingest_listen = parse_addr("ingest.listen", &listen_text, &mut err);
         let max_body_bytes = raw.ingest.max_body_bytes.map_or(10 << 20, |b| b.0);
         if !(1024..=(256 << 20)).contains(&max_body_bytes) {
@@ -213,20 +228,34 @@ impl AgentConfig {
         }
 
         let proxy = raw.proxy.map(|p| {
-            let listen = parse_addr("proxy.listen", p.listen.as_deref().unwrap_or("127.0.0.1:7080"), &mut err);
+            let listen = parse_addr(
+                "proxy.listen",
+                p.listen.as_deref().unwrap_or("127.0.0.1:7080"),
+                &mut err,
+            );
             let upstream = p.upstream.unwrap_or_default();
             if !(upstream.starts_with("http://") || upstream.starts_with("https://")) {
                 err(format!("proxy.upstream {upstream:?}: use an http:// or https:// URL"));
             }
             let adapter = p.adapter.unwrap_or_else(|| "generic".into());
             if !["keygen", "lemonsqueezy", "gumroad", "generic"].contains(&adapter.as_str()) {
-                err(format!("proxy.adapter {adapter:?}: use keygen, lemonsqueezy, gumroad or generic"));
+                err(format!(
+                    "proxy.adapter {adapter:?}: use keygen, lemonsqueezy, gumroad or generic"
+                ));
             }
-            ProxyConfig { listen: listen.unwrap_or_else(|| ([127, 0, 0, 1], 7080).into()), upstream, adapter }
+            ProxyConfig {
+                listen: listen.unwrap_or_else(|| ([127, 0, 0, 1], 7080).into()),
+                upstream,
+                adapter,
+            }
         });
 
         let b = raw.buffer;
-        let buffer_dir = o.data_dir.clone().or(b.dir).unwrap_or_else(|| DEFAULT_BUFFER_DIR.into());
+        let buffer_dir = o
+            .data_dir
+            .clone()
+            .or(b.dir)
+            .unwrap_or_else(|| DEFAULT_BUFFER_DIR.into());
         let max_bytes = b.max_bytes.map_or(1 << 30, |s| s.0);
         if max_bytes < (1 << 20) {
             err("buffer.max_bytes must be at least 1MiB".into());
@@ -246,7 +275,9 @@ impl AgentConfig {
         if collector.is_empty() {
             err("ship.collector is required (https://host:port)".into());
         } else if !collector.starts_with("https://") {
-            err(format!("ship.collector {collector:?}: must be an https:// URL (batches always travel over TLS)"));
+            err(format!(
+                "ship.collector {collector:?}: must be an https:// URL (batches always travel over TLS)"
+            ));
         }
         let ca = s.ca.unwrap_or_default();
         if ca.as_os_str().is_empty() {
@@ -379,10 +410,42 @@ mod tests {
         "#,
         )
         .unwrap_err();
-        for needle in ["context.deployment", "context.country", "when_full", "https://", "zstd_level", "fingerprint"] {
+        for needle in [
+            "context.deployment",
+            "context.country",
+            "when_full",
+            "https://",
+            "zstd_level",
+            "fingerprint",
+        ] {
             assert!(err.contains(needle), "{needle} missing from {err}");
         }
         let err = AgentConfig::parse(&format!("{MINIMAL}\n[buffer]\nwhen_ful = \"x\"\n")).unwrap_err();
         assert!(err.contains("when_ful"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../deploy/config/agent.example.toml");
+
+    #[test]
+    fn the_example_config_parses_with_every_key() {
+        let c = AgentConfig::parse(EXAMPLE).unwrap();
+        assert_eq!(c.agent_id.as_deref(), Some("acme-prod-eu-1"));
+        assert_eq!(c.context.deployment, Some(Deployment::OnPrem));
+        assert_eq!(c.max_bytes, 1 << 30);
+        assert_eq!(c.ship.batch_max_events, 5000);
+        assert!(c.ship.client_cert.is_some());
+        // The commented [proxy] section parses too once uncommented.
+        let with_proxy = EXAMPLE
+            .replace("# [proxy]", "[proxy]")
+            .replace("# listen   =", "listen =")
+            .replace("# upstream =", "upstream =")
+            .replace("# adapter  =", "adapter =");
+        let c = AgentConfig::parse(&with_proxy).unwrap();
+        assert_eq!(c.proxy.unwrap().adapter, "keygen");
     }
 }

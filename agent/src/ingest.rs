@@ -58,7 +58,10 @@ impl EventIds {
         let mut bytes = [0u8; 12];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
             .expect("the OS random source is available");
-        EventIds { prefix: format!("kt-{}-", hex::encode(bytes)), counter: AtomicU64::new(0) }
+        EventIds {
+            prefix: format!("kt-{}-", hex::encode(bytes)),
+            counter: AtomicU64::new(0),
+        }
     }
 
     fn next(&self) -> String {
@@ -115,7 +118,9 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, mut shutdown: tokio::sy
                 async move { Ok::<_, Infallible>(route(&api, req).await) }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
             if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!(error = %e, %peer, "ingest connection ended with an error");
             }
@@ -134,7 +139,10 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Resp {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Resp {
-    json(status, &serde_json::json!({"error": {"code": code, "message": message, "index": null, "field": null}}))
+    json(
+        status,
+        &serde_json::json!({"error": {"code": code, "message": message, "index": null, "field": null}}),
+    )
 }
 
 async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Resp {
@@ -148,18 +156,24 @@ async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Resp {
         (&Method::GET, "/readyz") => readyz(api),
         (&Method::GET, "/metrics") => Response::builder()
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(api.metrics.render(oldest_age_seconds(&api.buffer)))))
+            .body(Full::new(Bytes::from(
+                api.metrics.render(oldest_age_seconds(&api.buffer)),
+            )))
             .expect("valid response"),
         (&Method::GET, "/v1/status") => json(StatusCode::OK, &status(api)),
-        (_, "/v1/events" | "/healthz" | "/readyz" | "/metrics" | "/v1/status") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
-        }
+        (_, "/v1/events" | "/healthz" | "/readyz" | "/metrics" | "/v1/status") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed on this route",
+        ),
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
 }
 
 fn oldest_age_seconds(buffer: &Buffer) -> f64 {
-    buffer.oldest_arrival().map_or(0.0, |t| (now_ns().saturating_sub(t)).max(0) as f64 / 1e9)
+    buffer
+        .oldest_arrival()
+        .map_or(0.0, |t| (now_ns().saturating_sub(t)).max(0) as f64 / 1e9)
 }
 
 fn readyz(api: &Api) -> Resp {
@@ -170,14 +184,20 @@ fn readyz(api: &Api) -> Resp {
     };
     match reason {
         None => json(StatusCode::OK, &serde_json::json!({"ready": true})),
-        Some(r) => json(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"ready": false, "reason": r})),
+        Some(r) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"ready": false, "reason": r}),
+        ),
     }
 }
 
 /// `GET /v1/status` (contract §4), plus the dead letters and drop reasons.
 pub fn status(api: &Api) -> serde_json::Value {
     let c = api.buffer.counts();
-    let age = api.buffer.oldest_arrival().map(|t| (now_ns().saturating_sub(t)).max(0) as f64 / 1e9);
+    let age = api
+        .buffer
+        .oldest_arrival()
+        .map(|t| (now_ns().saturating_sub(t)).max(0) as f64 / 1e9);
     let dropped: serde_json::Map<String, serde_json::Value> = api
         .metrics
         .discarded
@@ -205,7 +225,9 @@ pub fn status(api: &Api) -> serde_json::Value {
 }
 
 fn body_format(req: &Request<Incoming>) -> Result<BodyFormat, String> {
-    let Some(ct) = req.headers().get(header::CONTENT_TYPE) else { return Ok(BodyFormat::Json) };
+    let Some(ct) = req.headers().get(header::CONTENT_TYPE) else {
+        return Ok(BodyFormat::Json);
+    };
     let ct = ct.to_str().map_err(|_| "unreadable Content-Type".to_string())?;
     let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     match mime.as_str() {
@@ -227,7 +249,11 @@ async fn post_events(api: &Arc<Api>, req: Request<Incoming>) -> Resp {
     };
     let max = api.config.max_body_bytes;
     let too_large = || {
-        error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &format!("the body is over the limit of {max} bytes"))
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            &format!("the body is over the limit of {max} bytes"),
+        )
     };
     let declared = req
         .headers()
@@ -246,7 +272,11 @@ async fn post_events(api: &Arc<Api>, req: Request<Incoming>) -> Resp {
                 return too_large();
             }
             api.metrics.errors.add(&["ingest", "body_read_failed"], 1);
-            return error(StatusCode::BAD_REQUEST, "body_read_failed", &format!("reading the body failed: {e}"));
+            return error(
+                StatusCode::BAD_REQUEST,
+                "body_read_failed",
+                &format!("reading the body failed: {e}"),
+            );
         }
     };
     let now = now_ns();
@@ -259,7 +289,11 @@ async fn post_events(api: &Arc<Api>, req: Request<Incoming>) -> Resp {
             Ok(r) => r,
             Err(e) => {
                 api.metrics.errors.add(&["ingest", "parse_task_failed"], 1);
-                return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &format!("parsing failed: {e}"));
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    &format!("parsing failed: {e}"),
+                );
             }
         }
     };
@@ -282,13 +316,15 @@ async fn post_events(api: &Arc<Api>, req: Request<Incoming>) -> Resp {
                 "buffer_full",
                 &format!("the buffer is full ({buffered} of {max} bytes); retry later"),
             );
-            r.headers_mut().insert(header::RETRY_AFTER, http::HeaderValue::from_static(RETRY_AFTER_FULL));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, http::HeaderValue::from_static(RETRY_AFTER_FULL));
             r
         }
         Err(e) => {
             api.metrics.errors.add(&["ingest", "buffer_unavailable"], 1);
             let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "buffer_unavailable", &e.to_string());
-            r.headers_mut().insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
             r
         }
     }

@@ -63,7 +63,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let sealer = tokio::spawn(ship::run_sealer(Arc::clone(&buffer), config.ship.batch_timeout, stop_rx.clone()));
+    let sealer = tokio::spawn(ship::run_sealer(
+        Arc::clone(&buffer),
+        config.ship.batch_timeout,
+        stop_rx.clone(),
+    ));
     let shipper = tokio::spawn(ship::run_shipper(
         Arc::clone(&buffer),
         client,

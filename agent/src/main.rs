@@ -9,7 +9,11 @@ use keytrail_agent::config::{AgentConfig, Overrides, RawConfig};
 use keytrail_common::logging::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "keytrail-agent", version, about = "keytrail sidecar: records license events and ships them to the collector")]
+#[command(
+    name = "keytrail-agent",
+    version,
+    about = "keytrail sidecar: records license events and ships them to the collector"
+)]
 struct Cli {
     /// Log format on stderr: human or json.
     #[arg(long, global = true, default_value = "human")]
@@ -52,8 +56,17 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     keytrail_common::tls::install_crypto_provider();
     match cli.command {
-        Command::Run { config, data_dir, collector, ingest_listen } => {
-            let overrides = Overrides { data_dir, collector, ingest_listen };
+        Command::Run {
+            config,
+            data_dir,
+            collector,
+            ingest_listen,
+        } => {
+            let overrides = Overrides {
+                data_dir,
+                collector,
+                ingest_listen,
+            };
             let config = match AgentConfig::load(config.as_deref(), &overrides) {
                 Ok(c) => c,
                 Err(e) => return fail(&e),
@@ -72,8 +85,12 @@ fn main() -> ExitCode {
                 .and_then(|c| keytrail_agent::validate(&c).map(|()| c));
             match result {
                 Ok(c) => {
-                    println!("{}: ok (agent_id {}, collector {})", config.display(),
-                        c.agent_id.as_deref().unwrap_or("<persisted or host name>"), c.ship.collector);
+                    println!(
+                        "{}: ok (agent_id {}, collector {})",
+                        config.display(),
+                        c.agent_id.as_deref().unwrap_or("<persisted or host name>"),
+                        c.ship.collector
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e),
@@ -86,7 +103,10 @@ fn main() -> ExitCode {
                 Err(e) => return fail(&e),
             };
             let Some(path) = raw.privacy.fingerprint_secret_file else {
-                return fail(&format!("config {}: privacy.fingerprint_secret_file is not set", config.display()));
+                return fail(&format!(
+                    "config {}: privacy.fingerprint_secret_file is not set",
+                    config.display()
+                ));
             };
             match keytrail_common::fingerprint::Fingerprinter::from_file(&path) {
                 Ok(fp) => {

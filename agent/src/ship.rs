@@ -107,7 +107,11 @@ pub enum ShipError {
     Unauthorized { status: u16, body: String },
     /// 429/5xx and any unexpected status: try again later.
     #[error("collector answered {status}: {body}")]
-    Retryable { status: u16, body: String, retry_after: Option<Duration> },
+    Retryable {
+        status: u16,
+        body: String,
+        retry_after: Option<Duration>,
+    },
     /// The TLS handshake failed because a certificate was refused, on either side.
     #[error("TLS certificate problem: {0}")]
     Certificate(String),
@@ -135,6 +139,12 @@ impl ShipError {
             if let Some(tls) = err.downcast_ref::<rustls::Error>() {
                 return classify_tls(context, tls);
             }
+            // `io::Error::source` skips the error it wraps; look inside explicitly.
+            if let Some(inner) = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+                if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+                    return classify_tls(context, tls);
+                }
+            }
             cur = err.source();
         }
         ShipError::Network(format!("{context}: {e}"))
@@ -143,12 +153,12 @@ impl ShipError {
 
 fn classify_tls(context: &str, e: &rustls::Error) -> ShipError {
     match e {
-        rustls::Error::AlertReceived(alert) => {
-            ShipError::Certificate(format!("{context}: the collector rejected our client certificate ({alert:?})"))
-        }
-        rustls::Error::InvalidCertificate(why) => {
-            ShipError::Certificate(format!("{context}: the collector's certificate is not trusted ({why:?})"))
-        }
+        rustls::Error::AlertReceived(alert) => ShipError::Certificate(format!(
+            "{context}: the collector rejected our client certificate ({alert:?})"
+        )),
+        rustls::Error::InvalidCertificate(why) => ShipError::Certificate(format!(
+            "{context}: the collector's certificate is not trusted ({why:?})"
+        )),
         rustls::Error::NoCertificatesPresented => {
             ShipError::Certificate(format!("{context}: the collector presented no certificate"))
         }
@@ -175,15 +185,20 @@ pub struct CollectorClient {
 
 impl CollectorClient {
     pub fn new(cfg: &ShipConfig) -> Result<CollectorClient, String> {
-        let uri: http::Uri = cfg.collector.parse().map_err(|e| format!("ship.collector {:?}: {e}", cfg.collector))?;
+        let uri: http::Uri = cfg
+            .collector
+            .parse()
+            .map_err(|e| format!("ship.collector {:?}: {e}", cfg.collector))?;
         if uri.scheme_str() != Some("https") {
             return Err(format!("ship.collector {:?}: must be https://", cfg.collector));
         }
-        let host = uri.host().ok_or_else(|| format!("ship.collector {:?}: no host", cfg.collector))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| format!("ship.collector {:?}: no host", cfg.collector))?;
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         let port = uri.port_u16().unwrap_or(443);
-        let server_name = ServerName::try_from(host.clone())
-            .map_err(|e| format!("ship.collector host {host:?}: {e}"))?;
+        let server_name =
+            ServerName::try_from(host.clone()).map_err(|e| format!("ship.collector host {host:?}: {e}"))?;
         let pair = cfg.client_cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
         let tls = keytrail_common::tls::client_config(&cfg.ca, pair)?;
         let authority = uri.authority().map(|a| a.to_string()).unwrap_or_else(|| host.clone());
@@ -274,7 +289,10 @@ impl CollectorClient {
             .header(http::header::CONTENT_TYPE, "application/x-keytrail-batch")
             .body(Full::new(body))
             .expect("static request parts are valid");
-        let resp = sender.send_request(req).await.map_err(|e| ShipError::from_io("sending", &e))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ShipError::from_io("sending", &e))?;
         let (parts, body) = resp.into_parts();
         let bytes = Limited::new(body, MAX_ANSWER_BYTES)
             .collect()
@@ -301,13 +319,23 @@ impl CollectorClient {
 pub fn classify(status: StatusCode, headers: &http::HeaderMap, body: &[u8]) -> Result<(), ShipError> {
     let text = || {
         let s = String::from_utf8_lossy(&body[..body.len().min(512)]).trim().to_string();
-        if s.is_empty() { "(no body)".to_string() } else { s }
+        if s.is_empty() {
+            "(no body)".to_string()
+        } else {
+            s
+        }
     };
     let code = status.as_u16();
     match code {
         200..=299 => Ok(()),
-        400 | 413 => Err(ShipError::Permanent { status: code, body: text() }),
-        401 | 403 => Err(ShipError::Unauthorized { status: code, body: text() }),
+        400 | 413 => Err(ShipError::Permanent {
+            status: code,
+            body: text(),
+        }),
+        401 | 403 => Err(ShipError::Unauthorized {
+            status: code,
+            body: text(),
+        }),
         _ => Err(ShipError::Retryable {
             status: code,
             body: text(),
@@ -466,7 +494,9 @@ async fn finish(buffer: &Arc<Buffer>, batch: SealedBatch, dead_reason: Option<St
     .await;
     match result {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "updating the buffer after a send failed; the batch will be resent"),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "updating the buffer after a send failed; the batch will be resent")
+        }
         Err(e) => tracing::error!(error = %e, "buffer update task failed"),
     }
 }
@@ -479,16 +509,30 @@ mod tests {
     fn answers_are_classified() {
         let h = http::HeaderMap::new();
         assert!(classify(StatusCode::OK, &h, b"").is_ok());
-        assert!(matches!(classify(StatusCode::BAD_REQUEST, &h, b"x"), Err(ShipError::Permanent { .. })));
-        assert!(matches!(classify(StatusCode::PAYLOAD_TOO_LARGE, &h, b""), Err(ShipError::Permanent { .. })));
-        assert!(matches!(classify(StatusCode::FORBIDDEN, &h, b""), Err(ShipError::Unauthorized { .. })));
+        assert!(matches!(
+            classify(StatusCode::BAD_REQUEST, &h, b"x"),
+            Err(ShipError::Permanent { .. })
+        ));
+        assert!(matches!(
+            classify(StatusCode::PAYLOAD_TOO_LARGE, &h, b""),
+            Err(ShipError::Permanent { .. })
+        ));
+        assert!(matches!(
+            classify(StatusCode::FORBIDDEN, &h, b""),
+            Err(ShipError::Unauthorized { .. })
+        ));
         let mut ra = http::HeaderMap::new();
         ra.insert(http::header::RETRY_AFTER, "7".parse().unwrap());
         match classify(StatusCode::TOO_MANY_REQUESTS, &ra, b"") {
-            Err(ShipError::Retryable { retry_after, .. }) => assert_eq!(retry_after, Some(Duration::from_secs(7))),
+            Err(ShipError::Retryable { retry_after, .. }) => {
+                assert_eq!(retry_after, Some(Duration::from_secs(7)))
+            }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(classify(StatusCode::SERVICE_UNAVAILABLE, &h, b""), Err(ShipError::Retryable { .. })));
+        assert!(matches!(
+            classify(StatusCode::SERVICE_UNAVAILABLE, &h, b""),
+            Err(ShipError::Retryable { .. })
+        ));
     }
 
     #[test]
@@ -508,13 +552,22 @@ mod tests {
     #[test]
     fn readiness_reasons() {
         let h = ShipHealth::default();
-        assert!(h.not_ready_reason(Duration::from_secs(30)).unwrap().contains("not yet connected"));
+        assert!(h
+            .not_ready_reason(Duration::from_secs(30))
+            .unwrap()
+            .contains("not yet connected"));
         h.ok();
         assert!(h.not_ready_reason(Duration::from_secs(30)).is_none());
         h.failed(&ShipError::Network("down".into()));
-        assert!(h.not_ready_reason(Duration::from_secs(30)).is_none(), "a short blip keeps readiness");
+        assert!(
+            h.not_ready_reason(Duration::from_secs(30)).is_none(),
+            "a short blip keeps readiness"
+        );
         assert!(h.not_ready_reason(Duration::ZERO).unwrap().contains("stalled"));
         h.failed(&ShipError::Certificate("bad cert".into()));
-        assert!(h.not_ready_reason(Duration::from_secs(30)).unwrap().contains("bad cert"));
+        assert!(h
+            .not_ready_reason(Duration::from_secs(30))
+            .unwrap()
+            .contains("bad cert"));
     }
 }

@@ -45,15 +45,27 @@ impl AgentMetrics {
             "Events accepted and durably buffered.",
             self.received.get(),
         )
-        .counter("keytrail_component_sent_events_total", "Events acknowledged by the collector.", self.sent.get())
+        .counter(
+            "keytrail_component_sent_events_total",
+            "Events acknowledged by the collector.",
+            self.sent.get(),
+        )
         .labeled(
             "keytrail_component_errors_total",
             "Errors by stage and type.",
             &self.errors,
             &[&["ingest", "invalid_request"], &["ship", "request_failed"]],
         )
-        .gauge("keytrail_buffer_size_events", "Events buffered and not yet acknowledged.", self.buffer_events.get() as f64)
-        .gauge("keytrail_buffer_size_bytes", "Bytes of buffered records (pending, sealed, dead letters).", self.buffer_bytes.get() as f64)
+        .gauge(
+            "keytrail_buffer_size_events",
+            "Events buffered and not yet acknowledged.",
+            self.buffer_events.get() as f64,
+        )
+        .gauge(
+            "keytrail_buffer_size_bytes",
+            "Bytes of buffered records (pending, sealed, dead letters).",
+            self.buffer_bytes.get() as f64,
+        )
         .labeled(
             "keytrail_buffer_discarded_events_total",
             "Events that will never be shipped, by reason.",
@@ -71,7 +83,12 @@ impl AgentMetrics {
             &self.ship_batches,
             &[&["ok"], &["retry"], &["dead_letter"]],
         )
-        .labeled("keytrail_ingest_requests_total", "Local API event requests by status code.", &self.requests, &[]);
+        .labeled(
+            "keytrail_ingest_requests_total",
+            "Local API event requests by status code.",
+            &self.requests,
+            &[],
+        );
         p.finish()
     }
 }

@@ -55,7 +55,9 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, mut shutdown: tokio::sy
                 }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
             if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
                 tracing::debug!(%peer, error = %e, "API connection ended with an error");
             }
@@ -82,7 +84,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 fn authorized(api: &Api, req: &Request<Incoming>) -> bool {
     let Some(token) = &api.token else { return true };
-    let Some(value) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
+    let Some(value) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
     match value.strip_prefix("Bearer ") {
         Some(given) => constant_time_eq(given.trim().as_bytes(), token.as_bytes()),
         None => false,
@@ -98,16 +102,30 @@ async fn route(api: &Api, req: Request<Incoming>) -> Result<Resp, ApiError> {
         return if api.store.is_writable() {
             Ok(json(&serde_json::json!({"ready": true})))
         } else {
-            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the store cannot be written"))
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "the store cannot be written",
+            ))
         };
     }
     if !authorized(api, &req) {
-        let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token").into_response();
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+        let mut r = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        )
+        .into_response();
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
         return Ok(r);
     }
     if req.method() != Method::GET {
-        return Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "the analyst API is read-only"));
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "the analyst API is read-only",
+        ));
     }
     let query = parse_query(req.uri().query().unwrap_or(""))?;
     match path.as_str() {
@@ -121,7 +139,11 @@ async fn route(api: &Api, req: Request<Incoming>) -> Result<Resp, ApiError> {
             .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
             .body(Full::new(Bytes::from(index_page(&api.store))))
             .expect("valid response")),
-        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route {path}"))),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route {path}"),
+        )),
     }
 }
 
@@ -130,21 +152,32 @@ pub fn stats(store: &Store) -> serde_json::Value {
     for (name, v) in store.counters() {
         m.insert(name.to_string(), v.into());
     }
-    m.insert("agents".into(), serde_json::to_value(store.agents()).expect("serializable"));
+    m.insert(
+        "agents".into(),
+        serde_json::to_value(store.agents()).expect("serializable"),
+    );
     serde_json::Value::Object(m)
 }
 
 /// Decoded query string; repeated keys are an error (ambiguous).
 fn parse_query(q: &str) -> Result<Vec<(String, String)>, ApiError> {
     if q.len() > 8192 {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "query_too_long", "the query string is over 8 KiB"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "query_too_long",
+            "the query string is over 8 KiB",
+        ));
     }
     let mut out: Vec<(String, String)> = Vec::new();
     for pair in q.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let (k, v) = (percent_decode(k)?, percent_decode(v)?);
         if out.iter().any(|(x, _)| *x == k) {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "duplicate_parameter", format!("parameter {k:?} given twice")));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "duplicate_parameter",
+                format!("parameter {k:?} given twice"),
+            ));
         }
         out.push((k, v));
     }
@@ -152,7 +185,13 @@ fn parse_query(q: &str) -> Result<Vec<(String, String)>, ApiError> {
 }
 
 fn percent_decode(s: &str) -> Result<String, ApiError> {
-    let bad = || ApiError::new(StatusCode::BAD_REQUEST, "bad_query", "malformed percent-encoding in the query");
+    let bad = || {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "malformed percent-encoding in the query",
+        )
+    };
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -183,7 +222,11 @@ fn get<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
 /// `from` as a date (its midnight) or an RFC 3339 instant.
 fn parse_from(v: &str) -> Result<i64, ApiError> {
     parse_date_ns(v).or_else(|| parse_rfc3339_ns(v)).ok_or_else(|| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_from", format!("from {v:?}: use YYYY-MM-DD or an RFC 3339 time"))
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_from",
+            format!("from {v:?}: use YYYY-MM-DD or an RFC 3339 time"),
+        )
     })
 }
 
@@ -193,38 +236,65 @@ fn parse_to(v: &str) -> Result<i64, ApiError> {
         return Ok(d + NANOS_PER_DAY);
     }
     parse_rfc3339_ns(v).map(|t| t.saturating_add(1)).ok_or_else(|| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_to", format!("to {v:?}: use YYYY-MM-DD or an RFC 3339 time"))
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_to",
+            format!("to {v:?}: use YYYY-MM-DD or an RFC 3339 time"),
+        )
     })
 }
 
 fn events(api: &Api, q: &[(String, String)]) -> Result<Resp, ApiError> {
     for (k, _) in q {
         if !["license", "type", "from", "to", "limit", "cursor"].contains(&k.as_str()) {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "unknown_parameter", format!("unknown parameter {k:?}")));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unknown_parameter",
+                format!("unknown parameter {k:?}"),
+            ));
         }
     }
-    let mut eq = EventQuery { limit: 100, ..EventQuery::default() };
+    let mut eq = EventQuery {
+        limit: 100,
+        ..EventQuery::default()
+    };
     eq.license = get(q, "license").map(str::to_string);
     if let Some(t) = get(q, "type") {
         eq.event_type = Some(EventType::parse(t).ok_or_else(|| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_type", format!("type {t:?} is not an event type"))
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_type",
+                format!("type {t:?} is not an event type"),
+            )
         })?);
     }
     eq.from = get(q, "from").map(parse_from).transpose()?;
     eq.to = get(q, "to").map(parse_to).transpose()?;
     if let (Some(f), Some(t)) = (eq.from, eq.to) {
         if f >= t {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_range", "from must be before to"));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_range",
+                "from must be before to",
+            ));
         }
     }
     if let Some(l) = get(q, "limit") {
         eq.limit = l.parse().ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_limit", "limit must be an integer 1..=1000")
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_limit",
+                "limit must be an integer 1..=1000",
+            )
         })?;
     }
     if let Some(c) = get(q, "cursor") {
         eq.cursor = Some(decode_cursor(c).ok_or_else(|| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_cursor", "cursor is not one this API returned")
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_cursor",
+                "cursor is not one this API returned",
+            )
         })?);
     }
     let page = api.store.events(&eq)?;
@@ -243,7 +313,10 @@ fn decode_cursor(s: &str) -> Option<(i64, u64)> {
     if s.len() != 32 || !s.is_ascii() {
         return None;
     }
-    Some((u64::from_str_radix(&s[..16], 16).ok()? as i64, u64::from_str_radix(&s[16..], 16).ok()?))
+    Some((
+        u64::from_str_radix(&s[..16], 16).ok()? as i64,
+        u64::from_str_radix(&s[16..], 16).ok()?,
+    ))
 }
 
 fn index_page(store: &Store) -> String {
@@ -272,8 +345,13 @@ mod tests {
         assert!(parse_query("a=%zz").is_err());
         assert_eq!(decode_cursor(&encode_cursor((-5, 9))), Some((-5, 9)));
         assert!(decode_cursor("nope").is_none());
-        assert_eq!(parse_to("2026-11-01").unwrap() - parse_from("2026-11-01").unwrap(), NANOS_PER_DAY);
+        assert_eq!(
+            parse_to("2026-11-01").unwrap() - parse_from("2026-11-01").unwrap(),
+            NANOS_PER_DAY
+        );
         assert!(parse_from("yesterday").is_err());
-        assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"a", b"ab"));
+        assert!(
+            constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"a", b"ab")
+        );
     }
 }

@@ -121,10 +121,20 @@ impl CollectorConfig {
                 None
             }
         };
-        let receive_listen =
-            addr("receive.listen", o.listen.clone().or(raw.receive.listen).unwrap_or_else(|| "0.0.0.0:7443".into()));
-        let api_listen =
-            addr("api.listen", o.api_listen.clone().or(raw.api.listen).unwrap_or_else(|| "127.0.0.1:7444".into()));
+        let receive_listen = addr(
+            "receive.listen",
+            o.listen
+                .clone()
+                .or(raw.receive.listen)
+                .unwrap_or_else(|| "0.0.0.0:7443".into()),
+        );
+        let api_listen = addr(
+            "api.listen",
+            o.api_listen
+                .clone()
+                .or(raw.api.listen)
+                .unwrap_or_else(|| "127.0.0.1:7444".into()),
+        );
         let cert = raw.receive.cert.unwrap_or_default();
         let key = raw.receive.key.unwrap_or_default();
         if cert.as_os_str().is_empty() || key.as_os_str().is_empty() {
@@ -138,8 +148,14 @@ impl CollectorConfig {
         if max_batch_events == 0 {
             errors.push("receive.max_batch_events must be at least 1".into());
         }
-        let dedup_window = raw.retention.dedup_window.map_or(Duration::from_secs(30 * 86400), |d| d.0);
-        let raw_events = raw.retention.raw_events.map_or(Duration::from_secs(90 * 86400), |d| d.0);
+        let dedup_window = raw
+            .retention
+            .dedup_window
+            .map_or(Duration::from_secs(30 * 86400), |d| d.0);
+        let raw_events = raw
+            .retention
+            .raw_events
+            .map_or(Duration::from_secs(90 * 86400), |d| d.0);
         if dedup_window.is_zero() || raw_events.is_zero() {
             errors.push("retention windows must be greater than zero".into());
         }
@@ -155,7 +171,11 @@ impl CollectorConfig {
             return Err(errors);
         }
         Ok(CollectorConfig {
-            data_dir: o.data_dir.clone().or(raw.data_dir).unwrap_or_else(|| "/var/lib/keytrail/collector".into()),
+            data_dir: o
+                .data_dir
+                .clone()
+                .or(raw.data_dir)
+                .unwrap_or_else(|| "/var/lib/keytrail/collector".into()),
             receive_listen: receive_listen.expect("checked"),
             cert,
             key,
@@ -173,11 +193,16 @@ impl CollectorConfig {
 
     /// Reads the analyst token, if one is configured (trimmed; empty is an error).
     pub fn read_token(&self) -> Result<Option<String>, String> {
-        let Some(path) = &self.token_file else { return Ok(None) };
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
         let text = std::fs::read_to_string(path).map_err(|e| format!("api.token_file {}: {e}", path.display()))?;
         let token = text.trim().to_string();
         if token.is_empty() || token.len() > 4096 {
-            return Err(format!("api.token_file {}: the token must be 1-4096 bytes", path.display()));
+            return Err(format!(
+                "api.token_file {}: the token must be 1-4096 bytes",
+                path.display()
+            ));
         }
         Ok(Some(token))
     }
@@ -207,5 +232,18 @@ mod tests {
         assert!(err.contains("clientca"), "{err}");
         let err = CollectorConfig::parse("[plans.x]\nprice_monthly = -1.0\n").unwrap_err();
         assert!(err.contains("price_monthly") && err.contains("receive.cert"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses_with_every_key() {
+        let c = CollectorConfig::parse(include_str!("../../deploy/config/collector.example.toml")).unwrap();
+        assert!(c.client_ca.is_some() && c.token_file.is_some());
+        assert_eq!(c.raw_events, Duration::from_secs(90 * 86400));
+        assert_eq!(c.plans["enterprise"].seats, Some(100));
     }
 }

@@ -21,11 +21,7 @@ pub struct Plan {
 /// Splits `events` into new ones and duplicates. `seen_before` answers for ids stored by
 /// earlier groups; `seen_now` collects ids of this group (shared across the group's batches)
 /// and is updated with every new id.
-pub fn plan(
-    events: &[Event],
-    seen_before: impl Fn(&str) -> bool,
-    seen_now: &mut HashSet<String>,
-) -> Plan {
+pub fn plan(events: &[Event], seen_before: impl Fn(&str) -> bool, seen_now: &mut HashSet<String>) -> Plan {
     let mut plan = Plan::default();
     for (i, e) in events.iter().enumerate() {
         if seen_now.contains(&e.id) || seen_before(&e.id) {
@@ -73,9 +69,25 @@ mod tests {
     fn first_copy_wins_within_and_across_batches() {
         let mut now = HashSet::new();
         let stored = ["old"];
-        let p = plan(&[ev("a"), ev("old"), ev("a"), ev("b")], |id| stored.contains(&id), &mut now);
-        assert_eq!(p, Plan { new: vec![0, 3], duplicates: 2 });
+        let p = plan(
+            &[ev("a"), ev("old"), ev("a"), ev("b")],
+            |id| stored.contains(&id),
+            &mut now,
+        );
+        assert_eq!(
+            p,
+            Plan {
+                new: vec![0, 3],
+                duplicates: 2
+            }
+        );
         let p = plan(&[ev("b"), ev("c")], |_| false, &mut now);
-        assert_eq!(p, Plan { new: vec![1], duplicates: 1 });
+        assert_eq!(
+            p,
+            Plan {
+                new: vec![1],
+                duplicates: 1
+            }
+        );
     }
 }

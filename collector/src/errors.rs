@@ -19,7 +19,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 
     /// Whether sending the same request again may succeed.
@@ -37,7 +41,8 @@ impl ApiError {
             .body(Full::new(Bytes::from(body.to_string())))
             .expect("valid response");
         if self.retryable() {
-            r.headers_mut().insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
         }
         r
     }
@@ -71,7 +76,10 @@ mod tests {
     #[test]
     fn table_matches_the_contract_classes() {
         assert_eq!(ApiError::from(WireError::Checksum).status, StatusCode::BAD_REQUEST);
-        assert_eq!(ApiError::from(WireError::UncompressedTooLarge(2, 1)).status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            ApiError::from(WireError::UncompressedTooLarge(2, 1)).status,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
         let e = ApiError::from(StoreError::Closed);
         assert!(e.retryable());
         assert!(!ApiError::from(WireError::BadMagic).retryable());

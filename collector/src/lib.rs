@@ -32,7 +32,12 @@ pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
     let token = config.read_token().map_err(anyhow::Error::msg)?;
     let tls = keytrail_common::tls::server_config(&config.cert, &config.key, config.client_ca.as_deref())
         .map_err(anyhow::Error::msg)?;
-    let (dir, cache, dedup, raw) = (config.data_dir.clone(), config.cache_bytes, config.dedup_window, config.raw_events);
+    let (dir, cache, dedup, raw) = (
+        config.data_dir.clone(),
+        config.cache_bytes,
+        config.dedup_window,
+        config.raw_events,
+    );
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, cache, dedup, raw)).await??;
     let writer = store.start_writer();
     let metrics = Arc::new(CollectorMetrics::default());
@@ -63,7 +68,11 @@ pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let recv = tokio::spawn(receive::serve(recv_listener, acceptor, receiver, stop_rx.clone()));
-    let api = Arc::new(api::Api { store: Arc::clone(&store), metrics, token });
+    let api = Arc::new(api::Api {
+        store: Arc::clone(&store),
+        metrics,
+        token,
+    });
     let api_task = tokio::spawn(api::serve(api_listener, api, stop_rx));
     let purge_store = Arc::clone(&store);
     let purge = tokio::spawn(async move {

@@ -9,7 +9,11 @@ use keytrail_collector::config::{CollectorConfig, Overrides};
 use keytrail_common::logging::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "keytrail-collector", version, about = "keytrail collector: receives, deduplicates, stores and serves license events")]
+#[command(
+    name = "keytrail-collector",
+    version,
+    about = "keytrail collector: receives, deduplicates, stores and serves license events"
+)]
 struct Cli {
     /// Log format on stderr: human or json.
     #[arg(long, global = true, default_value = "human")]
@@ -52,8 +56,17 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     keytrail_common::tls::install_crypto_provider();
     match cli.command {
-        Command::Serve { config, data_dir, listen, api_listen } => {
-            let overrides = Overrides { data_dir, listen, api_listen };
+        Command::Serve {
+            config,
+            data_dir,
+            listen,
+            api_listen,
+        } => {
+            let overrides = Overrides {
+                data_dir,
+                listen,
+                api_listen,
+            };
             let config = match CollectorConfig::load(config.as_deref(), &overrides) {
                 Ok(c) => c,
                 Err(e) => return fail(&e),

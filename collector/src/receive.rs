@@ -106,7 +106,9 @@ pub async fn serve(
                 }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
             if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
                 tracing::debug!(%peer, error = %e, "agent connection ended with an error");
             }
@@ -121,20 +123,38 @@ fn ok_json(value: serde_json::Value) -> Response<Full<Bytes>> {
         .expect("valid response")
 }
 
-async fn route(r: &Receiver, identity: Option<&str>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn route(
+    r: &Receiver,
+    identity: Option<&str>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/ping") => Ok(ok_json(serde_json::json!({"ok": true, "agent_id": identity}))),
         (&Method::POST, "/v1/batches") => receive(r, identity, req).await,
-        (_, "/v1/ping" | "/v1/batches") => {
-            Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed"))
-        }
-        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route on the receive port")),
+        (_, "/v1/ping" | "/v1/batches") => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed",
+        )),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route on the receive port",
+        )),
     }
 }
 
-async fn receive(r: &Receiver, identity: Option<&str>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn receive(
+    r: &Receiver,
+    identity: Option<&str>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     if r.mtls && identity.is_none() {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "no_client_certificate", "a client certificate is required"));
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "no_client_certificate",
+            "a client certificate is required",
+        ));
     }
     let cap = r.limits.max_frame_bytes;
     let declared = req
@@ -143,15 +163,35 @@ async fn receive(r: &Receiver, identity: Option<&str>, req: Request<Incoming>) -
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > cap as u64) {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "frame_too_large", format!("body over {cap} bytes")));
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "frame_too_large",
+            format!("body over {cap} bytes"),
+        ));
     }
     let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), cap).collect()).await {
         Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "frame_too_large", format!("body over {cap} bytes")))
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "frame_too_large",
+                format!("body over {cap} bytes"),
+            ))
         }
-        Ok(Err(e)) => return Err(ApiError::new(StatusCode::BAD_REQUEST, "body_read_failed", format!("reading the body: {e}"))),
-        Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", "the body did not arrive in time")),
+        Ok(Err(e)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "body_read_failed",
+                format!("reading the body: {e}"),
+            ))
+        }
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the body did not arrive in time",
+            ))
+        }
     };
     // Cheap checks first: who is this, before spending CPU on decompression.
     let header = wire::read_header(&body, &r.limits)?;
@@ -160,7 +200,10 @@ async fn receive(r: &Receiver, identity: Option<&str>, req: Request<Incoming>) -
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "agent_id_mismatch",
-                format!("the batch claims agent id {:?} but the client certificate is for {id:?}", header.agent_id),
+                format!(
+                    "the batch claims agent id {:?} but the client certificate is for {id:?}",
+                    header.agent_id
+                ),
             ));
         }
     }
@@ -170,7 +213,13 @@ async fn receive(r: &Receiver, identity: Option<&str>, req: Request<Incoming>) -
         wire::decode_frame(&body, &limits).map(|b| (b, crc))
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("decode task: {e}")))?;
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("decode task: {e}"),
+        )
+    })?;
     let (batch, frame_crc) = match decoded {
         Ok(x) => x,
         Err(e) => {
@@ -185,6 +234,8 @@ async fn receive(r: &Receiver, identity: Option<&str>, req: Request<Incoming>) -
         events: batch.events,
     };
     let outcome = r.writer.ingest(incoming).await?;
-    r.metrics.batches.add(&[if outcome.duplicate_batch { "duplicate" } else { "stored" }], 1);
+    r.metrics
+        .batches
+        .add(&[if outcome.duplicate_batch { "duplicate" } else { "stored" }], 1);
     Ok(ok_json(serde_json::to_value(outcome).expect("serializable")))
 }

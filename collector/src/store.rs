@@ -62,8 +62,13 @@ const MAX_GROUP_EVENTS: usize = 500_000;
 const WRITER_QUEUE: usize = 256;
 
 /// Counter names, persisted as `c.<name>` and served by `/v1/stats`.
-pub const COUNTERS: [&str; 5] =
-    ["events_received", "events_stored", "duplicates_dropped", "batches_received", "batches_duplicate"];
+pub const COUNTERS: [&str; 5] = [
+    "events_received",
+    "events_stored",
+    "duplicates_dropped",
+    "batches_received",
+    "batches_duplicate",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -172,7 +177,14 @@ impl From<&Event> for StoredEventV1 {
             deployment: e.deployment.map(Deployment::tag),
             result: e.result.tag(),
             expires_at: e.expires_at,
-            usage: [u.seats_used, u.seats_limit, u.domains_used, u.domains_limit, u.machines_used, u.machines_limit],
+            usage: [
+                u.seats_used,
+                u.seats_limit,
+                u.domains_used,
+                u.domains_limit,
+                u.machines_used,
+                u.machines_limit,
+            ],
             attrs: e.attrs.clone(),
         }
     }
@@ -311,14 +323,28 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn open(dir: &Path, cache_bytes: u64, dedup_window: Duration, raw_events: Duration) -> Result<Arc<Store>, StoreError> {
-        let err = |message: String| StoreError::Open { path: dir.display().to_string(), message };
+    pub fn open(
+        dir: &Path,
+        cache_bytes: u64,
+        dedup_window: Duration,
+        raw_events: Duration,
+    ) -> Result<Arc<Store>, StoreError> {
+        let err = |message: String| StoreError::Open {
+            path: dir.display().to_string(),
+            message,
+        };
         std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-        let config = sled::Config::new().path(dir.join("store")).cache_capacity(cache_bytes).flush_every_ms(Some(1000));
+        let config = sled::Config::new()
+            .path(dir.join("store"))
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(Some(1000));
         let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
             .map_err(|_| err("sled panicked while opening the database".into()))?
             .map_err(|e| err(e.to_string()))?;
-        let log_file = std::fs::OpenOptions::new().write(true).open(dir.join("store").join("db")).ok();
+        let log_file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("store").join("db"))
+            .ok();
         let mut totals = Totals::default();
         for (i, name) in COUNTERS.iter().enumerate() {
             if let Some(v) = db.get(counter_key(name))? {
@@ -435,7 +461,11 @@ impl Store {
                 delta[2] += n;
                 delta[4] += 1;
                 *agent_delta.entry(&b.agent_id).or_default() += 0;
-                outcomes.push(IngestOutcome { stored: 0, duplicates: n as u32, duplicate_batch: true });
+                outcomes.push(IngestOutcome {
+                    stored: 0,
+                    duplicates: n as u32,
+                    duplicate_batch: true,
+                });
                 continue;
             }
             if previous.is_some() {
@@ -443,7 +473,11 @@ impl Store {
                     "batch sequence reused with different content (agent lost its buffer?): deduplicating by event id");
             }
             seen_batches.insert(bkey.clone());
-            let plan = dedup::plan(&b.events, |id| self.db.contains_key(id_key(id)).unwrap_or(false), &mut seen_ids);
+            let plan = dedup::plan(
+                &b.events,
+                |id| self.db.contains_key(id_key(id)).unwrap_or(false),
+                &mut seen_ids,
+            );
             for &i in &plan.new {
                 let e = &b.events[i];
                 w.insert(event_key(e.time, seq), encode_event(e));
@@ -570,7 +604,10 @@ impl Store {
             }
         }
         let next_cursor = if out.len() >= limit { last } else { None };
-        Ok(EventPage { events: out, next_cursor })
+        Ok(EventPage {
+            events: out,
+            next_cursor,
+        })
     }
 
     /// Deletes what retention allows. Returns (raw events deleted, dedup keys deleted).
@@ -581,7 +618,11 @@ impl Store {
         loop {
             let mut w = sled::Batch::default();
             let mut n = 0;
-            for item in self.db.range(event_key(i64::MIN, 0)..event_key(raw_cutoff, 0)).take(10_000) {
+            for item in self
+                .db
+                .range(event_key(i64::MIN, 0)..event_key(raw_cutoff, 0))
+                .take(10_000)
+            {
                 let (k, v) = item?;
                 let t = time_from_key(&k[1..9]);
                 let seq = be_u64(&k[9..17]);
@@ -641,7 +682,10 @@ impl StoreWriter {
     /// Stores a batch; resolves after it is durable (or known to be a duplicate).
     pub async fn ingest(&self, batch: IncomingBatch) -> Result<IngestOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Job { batch, reply }).await.map_err(|_| StoreError::Closed)?;
+        self.tx
+            .send(Job { batch, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 }
@@ -678,7 +722,12 @@ mod tests {
     }
 
     fn batch(seq: u64, crc: u32, events: Vec<Event>) -> IncomingBatch {
-        IncomingBatch { agent_id: "a".into(), seq: BatchSeq(seq), frame_crc: crc, events }
+        IncomingBatch {
+            agent_id: "a".into(),
+            seq: BatchSeq(seq),
+            frame_crc: crc,
+            events,
+        }
     }
 
     fn tmp(name: &str) -> std::path::PathBuf {
@@ -695,14 +744,26 @@ mod tests {
         {
             let s = Store::open(&dir, 1 << 20, DAY, DAY).unwrap();
             let w = s.start_writer();
-            let o = w.ingest(batch(1, 7, vec![ev("x", "l1", 10), ev("y", "l1", 20)])).await.unwrap();
+            let o = w
+                .ingest(batch(1, 7, vec![ev("x", "l1", 10), ev("y", "l1", 20)]))
+                .await
+                .unwrap();
             assert_eq!((o.stored, o.duplicates), (2, 0));
-            let o = w.ingest(batch(1, 7, vec![ev("x", "l1", 10), ev("y", "l1", 20)])).await.unwrap();
+            let o = w
+                .ingest(batch(1, 7, vec![ev("x", "l1", 10), ev("y", "l1", 20)]))
+                .await
+                .unwrap();
             assert!(o.duplicate_batch);
-            let o = w.ingest(batch(2, 8, vec![ev("y", "l1", 20), ev("z", "l2", 30)])).await.unwrap();
+            let o = w
+                .ingest(batch(2, 8, vec![ev("y", "l1", 20), ev("z", "l2", 30)]))
+                .await
+                .unwrap();
             assert_eq!((o.stored, o.duplicates), (1, 1));
             // Same sequence, other content: per-event dedup, nothing lost.
-            let o = w.ingest(batch(2, 9, vec![ev("z", "l2", 30), ev("w", "l2", 40)])).await.unwrap();
+            let o = w
+                .ingest(batch(2, 9, vec![ev("z", "l2", 30), ev("w", "l2", 40)]))
+                .await
+                .unwrap();
             assert_eq!((o.stored, o.duplicates, o.duplicate_batch), (1, 1, false));
             drop(w);
             while Arc::strong_count(&s) > 1 {
@@ -725,9 +786,14 @@ mod tests {
         let dir = tmp("query");
         let s = Store::open(&dir, 1 << 20, DAY, DAY).unwrap();
         let w = s.start_writer();
-        let events: Vec<Event> = (0..25).map(|i| ev(&format!("e{i}"), if i % 2 == 0 { "even" } else { "odd" }, -5 + i)).collect();
+        let events: Vec<Event> = (0..25)
+            .map(|i| ev(&format!("e{i}"), if i % 2 == 0 { "even" } else { "odd" }, -5 + i))
+            .collect();
         w.ingest(batch(1, 1, events)).await.unwrap();
-        let mut q = EventQuery { limit: 10, ..EventQuery::default() };
+        let mut q = EventQuery {
+            limit: 10,
+            ..EventQuery::default()
+        };
         let mut seen = Vec::new();
         loop {
             let page = s.events(&q).unwrap();
@@ -737,9 +803,25 @@ mod tests {
                 None => break,
             }
         }
-        assert_eq!(seen, (-5..20).rev().collect::<Vec<_>>(), "all, newest first, negative times included");
-        let odd = s.events(&EventQuery { license: Some("odd".into()), from: Some(0), to: Some(10), limit: 100, ..Default::default() }).unwrap();
-        assert_eq!(odd.events.iter().map(|e| e.time).collect::<Vec<_>>(), vec![8, 6, 4, 2, 0], "license \"odd\" holds the odd i, whose times are even");
+        assert_eq!(
+            seen,
+            (-5..20).rev().collect::<Vec<_>>(),
+            "all, newest first, negative times included"
+        );
+        let odd = s
+            .events(&EventQuery {
+                license: Some("odd".into()),
+                from: Some(0),
+                to: Some(10),
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            odd.events.iter().map(|e| e.time).collect::<Vec<_>>(),
+            vec![8, 6, 4, 2, 0],
+            "license \"odd\" holds the odd i, whose times are even"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -749,10 +831,22 @@ mod tests {
         let s = Store::open(&dir, 1 << 20, DAY, DAY).unwrap();
         let w = s.start_writer();
         let now = now_ns();
-        w.ingest(batch(1, 1, vec![ev("old", "l", now - 3 * 86_400_000_000_000), ev("new", "l", now)])).await.unwrap();
+        w.ingest(batch(
+            1,
+            1,
+            vec![ev("old", "l", now - 3 * 86_400_000_000_000), ev("new", "l", now)],
+        ))
+        .await
+        .unwrap();
         let (raw, _) = s.purge(now).unwrap();
         assert_eq!(raw, 1);
-        let left = s.events(&EventQuery { license: Some("l".into()), limit: 10, ..Default::default() }).unwrap();
+        let left = s
+            .events(&EventQuery {
+                license: Some("l".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
         assert_eq!(left.events.len(), 1);
         // Ids are kept for the dedup window after they were stored, then forgotten.
         let (_, dedup) = s.purge(now + 2 * 86_400_000_000_000).unwrap();

@@ -31,17 +31,38 @@ impl CollectorMetrics {
             "Events received from agents, duplicates included.",
             c["events_received"],
         )
-        .counter("keytrail_collector_stored_events_total", "Unique events stored.", c["events_stored"])
-        .counter("keytrail_collector_duplicates_total", "Duplicate events acknowledged and not stored.", c["duplicates_dropped"])
-        .counter("keytrail_collector_batches_received_total", "Batches received, retries included.", c["batches_received"])
-        .labeled("keytrail_collector_batches_total", "Batch requests by outcome.", &self.batches, &[&["stored"], &["duplicate"], &["rejected"]])
+        .counter(
+            "keytrail_collector_stored_events_total",
+            "Unique events stored.",
+            c["events_stored"],
+        )
+        .counter(
+            "keytrail_collector_duplicates_total",
+            "Duplicate events acknowledged and not stored.",
+            c["duplicates_dropped"],
+        )
+        .counter(
+            "keytrail_collector_batches_received_total",
+            "Batches received, retries included.",
+            c["batches_received"],
+        )
+        .labeled(
+            "keytrail_collector_batches_total",
+            "Batch requests by outcome.",
+            &self.batches,
+            &[&["stored"], &["duplicate"], &["rejected"]],
+        )
         .labeled(
             "keytrail_component_errors_total",
             "Errors by stage and type.",
             &self.errors,
             &[&["receive", "invalid_frame"], &["receive", "tls_handshake"]],
         )
-        .gauge("keytrail_collector_agents", "Agents that have sent at least one batch.", store.agents().len() as f64);
+        .gauge(
+            "keytrail_collector_agents",
+            "Agents that have sent at least one batch.",
+            store.agents().len() as f64,
+        );
         p.finish()
     }
 }

@@ -46,7 +46,9 @@ impl ByteSize {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}: expected e.g. 64MiB"))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: expected e.g. 64MiB"))?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KiB" => 1 << 10,
@@ -55,7 +57,9 @@ impl ByteSize {
             "TiB" => 1 << 40,
             other => return Err(format!("invalid size unit {other:?} in {s:?}: use B, KiB, MiB or GiB")),
         };
-        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("size {s:?} is too large"))
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
     }
 }
 
@@ -83,14 +87,20 @@ impl HumanDuration {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 1s, 30d"))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 1s, 30d"))?;
         let ms: u64 = match unit.trim() {
             "ms" => 1,
             "s" => 1_000,
             "m" => 60_000,
             "h" => 3_600_000,
             "d" => 86_400_000,
-            other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ms, s, m, h or d")),
+            other => {
+                return Err(format!(
+                    "invalid duration unit {other:?} in {s:?}: use ms, s, m, h or d"
+                ))
+            }
         };
         n.checked_mul(ms)
             .map(|ms| HumanDuration(Duration::from_millis(ms)))

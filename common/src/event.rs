@@ -268,11 +268,8 @@ impl Event {
             }
         }
         if !self.attrs.is_empty() {
-            let attrs: serde_json::Map<String, serde_json::Value> = self
-                .attrs
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone().into()))
-                .collect();
+            let attrs: serde_json::Map<String, serde_json::Value> =
+                self.attrs.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
             put("attrs", attrs.into());
         }
         serde_json::Value::Object(m)
@@ -299,7 +296,12 @@ pub struct IngestError {
 
 impl IngestError {
     fn new(code: &'static str, field: Option<&str>, message: impl Into<String>) -> Self {
-        IngestError { code, message: message.into(), index: None, field: field.map(str::to_string) }
+        IngestError {
+            code,
+            message: message.into(),
+            index: None,
+            field: field.map(str::to_string),
+        }
     }
 
     fn at(mut self, index: usize) -> Self {
@@ -502,9 +504,8 @@ fn explain(event_json: &[u8], serde_err: &serde_json::Error) -> IngestError {
         Ok(v) => v,
         Err(e) => return IngestError::new("invalid_json", None, format!("invalid JSON: {e}")),
     };
-    explain_value(&value).unwrap_or_else(|| {
-        IngestError::new("invalid_value", None, format!("invalid event: {serde_err}"))
-    })
+    explain_value(&value)
+        .unwrap_or_else(|| IngestError::new("invalid_value", None, format!("invalid event: {serde_err}")))
 }
 
 fn explain_value(value: &serde_json::Value) -> Option<IngestError> {
@@ -535,7 +536,11 @@ fn explain_value(value: &serde_json::Value) -> Option<IngestError> {
             },
         };
         if let Some(want) = bad {
-            return Some(IngestError::new("invalid_type", Some(key), format!("`{key}` must be {want}")));
+            return Some(IngestError::new(
+                "invalid_type",
+                Some(key),
+                format!("`{key}` must be {want}"),
+            ));
         }
     }
     None
@@ -592,7 +597,10 @@ fn parse_array(body: &[u8], max_events: usize) -> Result<Vec<RawEvent<'_>>, Inge
         }
     }
 
-    let seed = Seed { max: max_events, failed_at: std::cell::Cell::new(0) };
+    let seed = Seed {
+        max: max_events,
+        failed_at: std::cell::Cell::new(0),
+    };
     let mut de = serde_json::Deserializer::from_slice(body);
     let result = (&seed).deserialize(&mut de).and_then(|v| de.end().map(|_| v));
     match result {
@@ -615,11 +623,7 @@ fn parse_array(body: &[u8], max_events: usize) -> Result<Vec<RawEvent<'_>>, Inge
     }
 }
 
-fn take_string(
-    field: &'static str,
-    v: Option<Cow<'_, str>>,
-    max: usize,
-) -> Result<Option<String>, IngestError> {
+fn take_string(field: &'static str, v: Option<Cow<'_, str>>, max: usize) -> Result<Option<String>, IngestError> {
     match v {
         None => Ok(None),
         Some(s) if s.len() > max => Err(IngestError::new(
@@ -693,7 +697,11 @@ impl RawEvent<'_> {
                 Some(fp.license(&key))
             }
             (None, Some(l)) if l.is_empty() => {
-                return Err(IngestError::new("invalid_value", Some("license"), "`license` must not be empty"))
+                return Err(IngestError::new(
+                    "invalid_value",
+                    Some("license"),
+                    "`license` must not be empty",
+                ))
             }
             (None, l) => take_string("license", l, MAX_LICENSE_LEN)?,
         };
@@ -713,7 +721,10 @@ impl RawEvent<'_> {
                     return Err(IngestError::new(
                         "invalid_value",
                         Some("country"),
-                        format!("`country` must be an ISO 3166-1 alpha-2 code, not {:?}", truncate_for_message(&c)),
+                        format!(
+                            "`country` must be an ISO 3166-1 alpha-2 code, not {:?}",
+                            truncate_for_message(&c)
+                        ),
                     ));
                 }
                 Some(upper)
@@ -759,7 +770,10 @@ impl RawEvent<'_> {
                         return Err(IngestError::new(
                             "too_long",
                             Some("attrs"),
-                            format!("`attrs` entry {:?} is longer than {MAX_STRING_LEN} bytes", truncate_for_message(&k)),
+                            format!(
+                                "`attrs` entry {:?} is longer than {MAX_STRING_LEN} bytes",
+                                truncate_for_message(&k)
+                            ),
                         ));
                     }
                     out.push((k.into_owned(), v.into_owned()));
@@ -888,24 +902,47 @@ mod tests {
             BodyFormat::Json,
         )
         .unwrap_err();
-        assert_eq!((err.code, err.index, err.field.as_deref()), ("unknown_field", Some(1), Some("colour")));
+        assert_eq!(
+            (err.code, err.index, err.field.as_deref()),
+            ("unknown_field", Some(1), Some("colour"))
+        );
 
-        let err = parse(r#"[{"type":"license.validated","license":"ok","seats_used":-1}]"#, BodyFormat::Json)
-            .unwrap_err();
-        assert_eq!((err.code, err.index, err.field.as_deref()), ("invalid_type", Some(0), Some("seats_used")));
+        let err = parse(
+            r#"[{"type":"license.validated","license":"ok","seats_used":-1}]"#,
+            BodyFormat::Json,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (err.code, err.index, err.field.as_deref()),
+            ("invalid_type", Some(0), Some("seats_used"))
+        );
 
-        let err = parse("{\"type\":\"license.validated\",\"license\":\"a\"}\n{\"type\":\"nope\"}", BodyFormat::Ndjson)
-            .unwrap_err();
-        assert_eq!((err.code, err.index, err.field.as_deref()), ("invalid_value", Some(1), Some("type")));
+        let err = parse(
+            "{\"type\":\"license.validated\",\"license\":\"a\"}\n{\"type\":\"nope\"}",
+            BodyFormat::Ndjson,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (err.code, err.index, err.field.as_deref()),
+            ("invalid_value", Some(1), Some("type"))
+        );
 
         let err = parse(r#"{"type":"license.validated"}"#, BodyFormat::Json).unwrap_err();
         assert_eq!((err.code, err.field.as_deref()), ("missing_field", Some("license")));
 
         let long = "x".repeat(129);
-        let err = parse(&format!(r#"{{"type":"payment.failed","id":"{long}"}}"#), BodyFormat::Json).unwrap_err();
+        let err = parse(
+            &format!(r#"{{"type":"payment.failed","id":"{long}"}}"#),
+            BodyFormat::Json,
+        )
+        .unwrap_err();
         assert_eq!((err.code, err.field.as_deref()), ("too_long", Some("id")));
 
-        let err = parse(r#"[{"type":"payment.failed"},{"type":"payment.failed""#, BodyFormat::Json).unwrap_err();
+        let err = parse(
+            r#"[{"type":"payment.failed"},{"type":"payment.failed""#,
+            BodyFormat::Json,
+        )
+        .unwrap_err();
         assert_eq!((err.code, err.index), ("invalid_json", Some(1)));
 
         let err = parse(r#"{"type":"payment.failed","country":"Germany"}"#, BodyFormat::Json).unwrap_err();
@@ -916,7 +953,10 @@ mod tests {
 
         let attrs: String = (0..33).map(|i| format!(r#""k{i}":"v","#)).collect();
         let err = parse(
-            &format!(r#"{{"type":"payment.failed","attrs":{{{}}}}}"#, attrs.trim_end_matches(',')),
+            &format!(
+                r#"{{"type":"payment.failed","attrs":{{{}}}}}"#,
+                attrs.trim_end_matches(',')
+            ),
             BodyFormat::Json,
         )
         .unwrap_err();
@@ -928,7 +968,7 @@ mod tests {
 
     #[test]
     fn too_many_events_is_an_error() {
-        let body = format!("[{}]", vec![r#"{"type":"payment.failed"}"#; 3].join(","));
+        let body = format!("[{}]", [r#"{"type":"payment.failed"}"#; 3].join(","));
         let err = parse_body(body.as_bytes(), BodyFormat::Json, &fp(), &fixed(), 2).unwrap_err();
         assert_eq!((err.code, err.index), ("too_many", Some(2)));
         let ok = parse_body(body.as_bytes(), BodyFormat::Json, &fp(), &fixed(), 3).unwrap();

@@ -27,21 +27,21 @@ impl std::fmt::Debug for Fingerprinter {
 impl Fingerprinter {
     /// A pseudonymiser keyed with `secret` (already trimmed).
     pub fn new(secret: Vec<u8>) -> Self {
-        Fingerprinter { key: hmac::Key::new(hmac::HMAC_SHA256, &secret) }
+        Fingerprinter {
+            key: hmac::Key::new(hmac::HMAC_SHA256, &secret),
+        }
     }
 
     /// Reads the secret file; an empty or unreadable file is an error naming the path.
     pub fn from_file(path: &Path) -> Result<Self, String> {
-        let meta = std::fs::metadata(path)
-            .map_err(|e| format!("fingerprint secret file {}: {e}", path.display()))?;
+        let meta = std::fs::metadata(path).map_err(|e| format!("fingerprint secret file {}: {e}", path.display()))?;
         if meta.len() > MAX_SECRET_FILE_BYTES {
             return Err(format!(
                 "fingerprint secret file {} is larger than {MAX_SECRET_FILE_BYTES} bytes",
                 path.display()
             ));
         }
-        let bytes = std::fs::read(path)
-            .map_err(|e| format!("fingerprint secret file {}: {e}", path.display()))?;
+        let bytes = std::fs::read(path).map_err(|e| format!("fingerprint secret file {}: {e}", path.display()))?;
         let trimmed = trim_ascii_whitespace(&bytes);
         if trimmed.is_empty() {
             return Err(format!("fingerprint secret file {} is empty", path.display()));
@@ -70,7 +70,10 @@ impl Fingerprinter {
 
 fn trim_ascii_whitespace(b: &[u8]) -> &[u8] {
     let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |i| i + 1);
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
     &b[start..end]
 }
 
@@ -82,8 +85,14 @@ mod tests {
     fn matches_rfc4231_hmac_sha256() {
         // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
         let fp = Fingerprinter::new(b"Jefe".to_vec());
-        assert_eq!(fp.license("what do ya want for nothing?"), "lk_5bdcc146bf60754e6a042426089575c7");
-        assert_eq!(fp.machine("what do ya want for nothing?"), "mf_5bdcc146bf60754e6a042426089575c7");
+        assert_eq!(
+            fp.license("what do ya want for nothing?"),
+            "lk_5bdcc146bf60754e6a042426089575c7"
+        );
+        assert_eq!(
+            fp.machine("what do ya want for nothing?"),
+            "mf_5bdcc146bf60754e6a042426089575c7"
+        );
     }
 
     #[test]
@@ -93,7 +102,10 @@ mod tests {
         let p = dir.join("s");
         std::fs::write(&p, "  Jefe\n").unwrap();
         let fp = Fingerprinter::from_file(&p).unwrap();
-        assert_eq!(fp.license("what do ya want for nothing?"), "lk_5bdcc146bf60754e6a042426089575c7");
+        assert_eq!(
+            fp.license("what do ya want for nothing?"),
+            "lk_5bdcc146bf60754e6a042426089575c7"
+        );
         std::fs::write(&p, " \n").unwrap();
         assert!(Fingerprinter::from_file(&p).unwrap_err().contains("empty"));
         assert!(Fingerprinter::from_file(&dir.join("missing")).is_err());

@@ -24,7 +24,9 @@ impl std::str::FromStr for LogFormat {
 /// `keytrail_agent=trace`), default `info`.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_env("KEYTRAIL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.with_ansi(false).try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -35,13 +35,16 @@ fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), String> 
     }
     let _ = private;
     let mut f = opts.open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    f.write_all(contents.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
+    f.write_all(contents.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         && !name.starts_with('.')
         && name != "ca"
         && name != "collector"
@@ -76,7 +79,11 @@ pub fn write_dev_pki(out: &Path, hosts: &[String], agents: &[String]) -> Result<
         dn.push(DnType::CommonName, "keytrail development CA");
         dn.push(DnType::OrganizationName, "keytrail");
         params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         validity(&mut params, 3650);
         let cert = params.self_signed(&key).map_err(|e| err("CA", e))?;
         write_file(&ca_crt, &cert.pem(), false)?;
@@ -85,8 +92,11 @@ pub fn write_dev_pki(out: &Path, hosts: &[String], agents: &[String]) -> Result<
         (cert, key)
     };
 
-    let hosts: Vec<String> =
-        if hosts.is_empty() { vec!["localhost".into(), "127.0.0.1".into()] } else { hosts.to_vec() };
+    let hosts: Vec<String> = if hosts.is_empty() {
+        vec!["localhost".into(), "127.0.0.1".into()]
+    } else {
+        hosts.to_vec()
+    };
     let key = KeyPair::generate().map_err(|e| err("collector key", e))?;
     let mut params = CertificateParams::new(hosts.clone()).map_err(|e| err("collector host names", e))?;
     let mut dn = DistinguishedName::new();
@@ -95,7 +105,9 @@ pub fn write_dev_pki(out: &Path, hosts: &[String], agents: &[String]) -> Result<
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     validity(&mut params, 825);
-    let cert = params.signed_by(&key, &ca_cert, &ca_keypair).map_err(|e| err("collector certificate", e))?;
+    let cert = params
+        .signed_by(&key, &ca_cert, &ca_keypair)
+        .map_err(|e| err("collector certificate", e))?;
     write_file(&out.join("collector.crt"), &cert.pem(), false)?;
     write_file(&out.join("collector.key"), &key.serialize_pem(), true)?;
     files.extend(["collector.crt".to_string(), "collector.key".to_string()]);
@@ -109,7 +121,9 @@ pub fn write_dev_pki(out: &Path, hosts: &[String], agents: &[String]) -> Result<
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         validity(&mut params, 825);
-        let cert = params.signed_by(&key, &ca_cert, &ca_keypair).map_err(|e| err("agent certificate", e))?;
+        let cert = params
+            .signed_by(&key, &ca_cert, &ca_keypair)
+            .map_err(|e| err("agent certificate", e))?;
         write_file(&out.join(format!("{agent}.crt")), &cert.pem(), false)?;
         write_file(&out.join(format!("{agent}.key")), &key.serialize_pem(), true)?;
         files.extend([format!("{agent}.crt"), format!("{agent}.key")]);
@@ -133,11 +147,18 @@ mod tests {
             let certs = crate::tls::load_certs(&dir.join(format!("{a}.crt"))).unwrap();
             assert_eq!(crate::tls::common_name(&certs[0]).as_deref(), Some(a));
             // Both the server and the client side accept the files.
-            crate::tls::client_config(&dir.join("ca.crt"), Some((&dir.join(format!("{a}.crt")), &dir.join(format!("{a}.key")))))
-                .unwrap();
-        }
-        crate::tls::server_config(&dir.join("collector.crt"), &dir.join("collector.key"), Some(&dir.join("ca.crt")))
+            crate::tls::client_config(
+                &dir.join("ca.crt"),
+                Some((&dir.join(format!("{a}.crt")), &dir.join(format!("{a}.key")))),
+            )
             .unwrap();
+        }
+        crate::tls::server_config(
+            &dir.join("collector.crt"),
+            &dir.join("collector.key"),
+            Some(&dir.join("ca.crt")),
+        )
+        .unwrap();
         assert!(write_dev_pki(&dir, &[], &["../evil".into()]).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -44,7 +44,10 @@ pub struct LabeledCounter {
 
 impl LabeledCounter {
     pub fn new(labels: &'static [&'static str]) -> Self {
-        LabeledCounter { labels, values: Mutex::new(BTreeMap::new()) }
+        LabeledCounter {
+            labels,
+            values: Mutex::new(BTreeMap::new()),
+        }
     }
 
     pub fn add(&self, label_values: &[&str], n: u64) {
@@ -61,12 +64,22 @@ impl LabeledCounter {
     /// Value of one label set.
     pub fn get(&self, label_values: &[&str]) -> u64 {
         let key: Vec<String> = label_values.iter().map(|s| s.to_string()).collect();
-        self.values.lock().expect("metrics lock").get(&key).copied().unwrap_or(0)
+        self.values
+            .lock()
+            .expect("metrics lock")
+            .get(&key)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// `(labels, value)` pairs, for JSON status pages.
     pub fn snapshot(&self) -> Vec<(Vec<String>, u64)> {
-        self.values.lock().expect("metrics lock").iter().map(|(k, v)| (k.clone(), *v)).collect()
+        self.values
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 }
 
@@ -93,13 +106,7 @@ impl Page {
 
     /// A labelled family; `fixed` labels (e.g. `component`) are prepended to every sample, and
     /// `always` label sets are shown as 0 when never counted, so dashboards see them.
-    pub fn labeled(
-        &mut self,
-        name: &str,
-        help: &str,
-        family: &LabeledCounter,
-        always: &[&[&str]],
-    ) -> &mut Self {
+    pub fn labeled(&mut self, name: &str, help: &str, family: &LabeledCounter, always: &[&[&str]]) -> &mut Self {
         self.head(name, help, "counter");
         let mut values: BTreeMap<Vec<String>, u64> = family.snapshot().into_iter().collect();
         for set in always {
@@ -135,7 +142,8 @@ mod tests {
         let f = LabeledCounter::new(&["reason"]);
         f.add(&["drop_oldest"], 3);
         let mut p = Page::default();
-        p.counter("a_total", "a", 1).labeled("b_total", "b", &f, &[&["buffer_full"]]);
+        p.counter("a_total", "a", 1)
+            .labeled("b_total", "b", &f, &[&["buffer_full"]]);
         let text = p.finish();
         assert!(text.contains("a_total 1\n"));
         assert!(text.contains("b_total{reason=\"drop_oldest\"} 3\n"));

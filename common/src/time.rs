@@ -30,7 +30,10 @@ pub fn parse_rfc3339_ns(s: &str) -> Option<UnixNanos> {
 /// Formats unix nanoseconds as RFC 3339 UTC (`Z`), with as many fraction digits as needed.
 pub fn format_rfc3339(ns: UnixNanos) -> String {
     match OffsetDateTime::from_unix_timestamp_nanos(ns as i128) {
-        Ok(t) => t.to_offset(UtcOffset::UTC).format(&Rfc3339).unwrap_or_else(|_| ns.to_string()),
+        Ok(t) => t
+            .to_offset(UtcOffset::UTC)
+            .format(&Rfc3339)
+            .unwrap_or_else(|_| ns.to_string()),
         Err(_) => ns.to_string(),
     }
 }

@@ -144,7 +144,10 @@ pub fn record_spans(payload: &[u8]) -> Result<Vec<(usize, usize)>, WireError> {
 }
 
 fn read_record_len(payload: &[u8], at: usize, index: usize) -> Result<usize, WireError> {
-    let bad = |reason: &str| WireError::BadEvent { index, reason: reason.to_string() };
+    let bad = |reason: &str| WireError::BadEvent {
+        index,
+        reason: reason.to_string(),
+    };
     let prefix = payload.get(at..at + 4).ok_or_else(|| bad("truncated length prefix"))?;
     let len = u32::from_le_bytes(prefix.try_into().expect("4 bytes")) as usize;
     if len > MAX_EVENT_BYTES {
@@ -167,13 +170,21 @@ pub fn decode_payload(payload: &[u8], agent_id: &str, max_events: u32) -> Result
         }
         let len = read_record_len(payload, at, index)?;
         let record = &payload[at + 4..at + 4 + len];
-        let (EventV1(mut event), used) = bincode::decode_from_slice::<EventV1, _>(record, CONFIG)
-            .map_err(|e| WireError::BadEvent { index, reason: e.to_string() })?;
+        let (EventV1(mut event), used) =
+            bincode::decode_from_slice::<EventV1, _>(record, CONFIG).map_err(|e| WireError::BadEvent {
+                index,
+                reason: e.to_string(),
+            })?;
         if used != len {
-            return Err(WireError::BadEvent { index, reason: "trailing bytes in record".into() });
+            return Err(WireError::BadEvent {
+                index,
+                reason: "trailing bytes in record".into(),
+            });
         }
         event.agent_id = agent_id.to_string();
-        event.check_limits().map_err(|reason| WireError::BadEvent { index, reason })?;
+        event
+            .check_limits()
+            .map_err(|reason| WireError::BadEvent { index, reason })?;
         out.push(event);
         at += 4 + len;
     }
@@ -225,7 +236,10 @@ pub fn read_header(frame: &[u8], limits: &DecodeLimits) -> Result<FrameHeader, W
     let agent_len = be16(28) as usize;
     let declared = HEADER_LEN + agent_len + compressed_len as usize + TRAILER_LEN;
     if declared != frame.len() {
-        return Err(WireError::LengthMismatch { declared, actual: frame.len() });
+        return Err(WireError::LengthMismatch {
+            declared,
+            actual: frame.len(),
+        });
     }
     let body_end = frame.len() - TRAILER_LEN;
     let crc = u32::from_be_bytes(frame[body_end..].try_into().expect("4 bytes"));
@@ -238,12 +252,22 @@ pub fn read_header(frame: &[u8], limits: &DecodeLimits) -> Result<FrameHeader, W
         .ok_or(WireError::BadAgentId)?
         .to_string();
     if uncompressed_len as usize > limits.max_uncompressed_bytes {
-        return Err(WireError::UncompressedTooLarge(uncompressed_len as usize, limits.max_uncompressed_bytes));
+        return Err(WireError::UncompressedTooLarge(
+            uncompressed_len as usize,
+            limits.max_uncompressed_bytes,
+        ));
     }
     if event_count > limits.max_events {
         return Err(WireError::TooManyEvents(event_count, limits.max_events));
     }
-    Ok(FrameHeader { version, seq, event_count, uncompressed_len, compressed_len, agent_id })
+    Ok(FrameHeader {
+        version,
+        seq,
+        event_count,
+        uncompressed_len,
+        compressed_len,
+        agent_id,
+    })
 }
 
 /// Decodes a whole frame under `limits`.
@@ -263,7 +287,10 @@ pub fn decode_frame(frame: &[u8], limits: &DecodeLimits) -> Result<Batch, WireEr
     }
     let events = decode_payload(&payload, &header.agent_id, header.event_count)?;
     if events.len() as u32 != header.event_count {
-        return Err(WireError::CountMismatch { declared: header.event_count, actual: events.len() as u32 });
+        return Err(WireError::CountMismatch {
+            declared: header.event_count,
+            actual: events.len() as u32,
+        });
     }
     Ok(Batch { header, events })
 }
@@ -294,7 +321,14 @@ impl Encode for EventV1Ref<'_> {
         e.result.tag().encode(enc)?;
         e.expires_at.encode(enc)?;
         let u = &e.usage;
-        for v in [u.seats_used, u.seats_limit, u.domains_used, u.domains_limit, u.machines_used, u.machines_limit] {
+        for v in [
+            u.seats_used,
+            u.seats_limit,
+            u.domains_used,
+            u.domains_limit,
+            u.machines_used,
+            u.machines_limit,
+        ] {
             v.encode(enc)?;
         }
         e.attrs.encode(enc)
@@ -326,9 +360,9 @@ impl<C> Decode<C> for EventV1 {
         let country = s(d)?;
         let deployment = match Option::<u8>::decode(d)? {
             None => None,
-            Some(t) => Some(
-                Deployment::from_tag(t).ok_or_else(|| DecodeError::OtherString("unknown deployment tag".into()))?,
-            ),
+            Some(t) => {
+                Some(Deployment::from_tag(t).ok_or_else(|| DecodeError::OtherString("unknown deployment tag".into()))?)
+            }
         };
         let result = ResultCode::from_tag(u8::decode(d)?)
             .ok_or_else(|| DecodeError::OtherString("unknown result tag".into()))?;
@@ -396,8 +430,16 @@ mod tests {
             deployment: Some(Deployment::OnPrem),
             result: ResultCode::ALL[(i as usize) % ResultCode::ALL.len()],
             expires_at: (i % 5 == 0).then_some(1_800_000_000_000_000_000),
-            usage: Usage { machines_used: Some(i % 10), machines_limit: Some(10), ..Usage::default() },
-            attrs: if i % 7 == 0 { vec![("k".into(), "v".into())] } else { vec![] },
+            usage: Usage {
+                machines_used: Some(i % 10),
+                machines_limit: Some(10),
+                ..Usage::default()
+            },
+            attrs: if i % 7 == 0 {
+                vec![("k".into(), "v".into())]
+            } else {
+                vec![]
+            },
         }
     }
 
@@ -418,7 +460,11 @@ mod tests {
         assert_eq!(batch.header.agent_id, "agent-a");
         assert_eq!(batch.events, events);
         // Small enough on the wire to matter: well under the 40 B/event target for this mix.
-        assert!(frame.len() / events.len() < 40, "{} bytes per event", frame.len() / events.len());
+        assert!(
+            frame.len() / events.len() < 40,
+            "{} bytes per event",
+            frame.len() / events.len()
+        );
     }
 
     #[test]
@@ -454,11 +500,26 @@ mod tests {
     fn caps_are_checked_before_decompression() {
         let events: Vec<Event> = (0..100).map(sample).collect();
         let frame = frame_of(&events, 1);
-        let small = DecodeLimits { max_uncompressed_bytes: 100, ..DecodeLimits::default() };
-        assert!(matches!(decode_frame(&frame, &small), Err(WireError::UncompressedTooLarge(..))));
-        let few = DecodeLimits { max_events: 10, ..DecodeLimits::default() };
-        assert!(matches!(decode_frame(&frame, &few), Err(WireError::TooManyEvents(100, 10))));
-        let tiny = DecodeLimits { max_frame_bytes: 64, ..DecodeLimits::default() };
+        let small = DecodeLimits {
+            max_uncompressed_bytes: 100,
+            ..DecodeLimits::default()
+        };
+        assert!(matches!(
+            decode_frame(&frame, &small),
+            Err(WireError::UncompressedTooLarge(..))
+        ));
+        let few = DecodeLimits {
+            max_events: 10,
+            ..DecodeLimits::default()
+        };
+        assert!(matches!(
+            decode_frame(&frame, &few),
+            Err(WireError::TooManyEvents(100, 10))
+        ));
+        let tiny = DecodeLimits {
+            max_frame_bytes: 64,
+            ..DecodeLimits::default()
+        };
         assert!(matches!(decode_frame(&frame, &tiny), Err(WireError::FrameTooLarge(..))));
     }
 
@@ -481,7 +542,10 @@ mod tests {
         f.extend_from_slice(&compressed);
         let crc = crc32fast::hash(&f);
         f.extend_from_slice(&crc.to_be_bytes());
-        assert!(matches!(decode_frame(&f, &DecodeLimits::default()), Err(WireError::Decompress(_))));
+        assert!(matches!(
+            decode_frame(&f, &DecodeLimits::default()),
+            Err(WireError::Decompress(_))
+        ));
     }
 
     #[test]
@@ -497,12 +561,18 @@ mod tests {
             Err(WireError::CountMismatch { declared: 5, actual: 3 })
         ));
         let over = seal_frame("agent-a", BatchSeq(1), 2, &payload, 3);
-        assert!(matches!(decode_frame(&over, &DecodeLimits::default()), Err(WireError::TooManyEvents(3, 2))));
+        assert!(matches!(
+            decode_frame(&over, &DecodeLimits::default()),
+            Err(WireError::TooManyEvents(3, 2))
+        ));
         let mut v2 = frame_of(&events, 1);
         v2[5] = 2;
         let end = v2.len() - 4;
         let crc = crc32fast::hash(&v2[..end]);
         v2[end..].copy_from_slice(&crc.to_be_bytes());
-        assert_eq!(decode_frame(&v2, &DecodeLimits::default()), Err(WireError::UnsupportedVersion(2)));
+        assert_eq!(
+            decode_frame(&v2, &DecodeLimits::default()),
+            Err(WireError::UnsupportedVersion(2))
+        );
     }
 }

@@ -4,6 +4,8 @@
 //! Every listener binds port 0; the harness reads the bound addresses from the processes'
 //! JSON start-up log line. Every wait has a deadline and fails with the processes' logs.
 
+pub mod traffic;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -11,14 +13,19 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Where the binaries are: next to this test executable's `deps/` folder, built on demand.
+/// Where the binaries are: next to this test executable's `deps/` folder. They are built
+/// (or found up to date) once per test process, so `cargo test -p keytrail-tests` never runs
+/// stale binaries; `KT_NO_BUILD=1` skips that for pre-built trees.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        let dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
-        let missing = ["keytrail-agent", "keytrail-collector"].iter().any(|b| !dir.join(b).exists());
-        if missing || std::env::var_os("KT_REBUILD").is_some() {
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf();
+        if std::env::var_os("KT_NO_BUILD").is_none() {
             let release = dir.file_name().is_some_and(|n| n == "release");
             let mut cmd = Command::new(env!("CARGO"));
             cmd.args(["build", "-p", "keytrail-agent", "-p", "keytrail-collector"]);
@@ -79,7 +86,11 @@ impl Sandbox {
             .args(["--agent", "agent-a", "--agent", "agent-b"])
             .output()
             .expect("running keytrail-collector certs");
-        assert!(out.status.success(), "certs failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "certs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let secret = dir.path().join("fingerprint.secret");
         std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
         Sandbox { dir, pki, secret }
@@ -112,10 +123,18 @@ pub struct Proc {
 
 impl Proc {
     fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         cmd.stdout(Stdio::null()).stderr(file).env("KEYTRAIL_LOG", "info");
         let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        Proc { child: Some(child), log, name: name.to_string() }
+        Proc {
+            child: Some(child),
+            log,
+            name: name.to_string(),
+        }
     }
 
     /// SIGKILL: no shutdown code runs.
@@ -151,7 +170,9 @@ impl Proc {
     pub fn log_text(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let start = text.len().saturating_sub(6000);
-        let start = (start..text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
+        let start = (start..text.len())
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(text.len());
         format!("--- {} log (tail) ---\n{}", self.name, &text[start..])
     }
 
@@ -197,7 +218,12 @@ pub struct CollectorOpts {
 
 impl Default for CollectorOpts {
     fn default() -> Self {
-        CollectorOpts { mtls: true, token: None, max_batch_events: None, receive_port: 0 }
+        CollectorOpts {
+            mtls: true,
+            token: None,
+            max_batch_events: None,
+            receive_port: 0,
+        }
     }
 }
 
@@ -234,7 +260,17 @@ impl Collector {
         }
         text += "[retention]\ndedup_window = \"3650d\"\nraw_events = \"3650d\"\n";
         std::fs::write(&config, text).unwrap();
-        let mut c = Collector { proc: Proc { child: None, log: sb.path("collector.log"), name: "collector".into() }, receive: ([0, 0, 0, 0], 0).into(), api: ([0, 0, 0, 0], 0).into(), data_dir, config };
+        let mut c = Collector {
+            proc: Proc {
+                child: None,
+                log: sb.path("collector.log"),
+                name: "collector".into(),
+            },
+            receive: ([0, 0, 0, 0], 0).into(),
+            api: ([0, 0, 0, 0], 0).into(),
+            data_dir,
+            config,
+        };
         c.restart();
         c
     }
@@ -244,12 +280,16 @@ impl Collector {
         self.proc.kill9();
         if self.receive.port() != 0 {
             let text = std::fs::read_to_string(&self.config).unwrap();
-            let text = text.replace("listen = \"127.0.0.1:0\"\ncert", &format!("listen = \"{}\"\ncert", self.receive));
+            let text = text.replace(
+                "listen = \"127.0.0.1:0\"\ncert",
+                &format!("listen = \"{}\"\ncert", self.receive),
+            );
             std::fs::write(&self.config, text).unwrap();
         }
         let after = self.proc.log_len();
         let mut cmd = Command::new(bin("keytrail-collector"));
-        cmd.args(["--log-format", "json", "serve", "--config"]).arg(&self.config);
+        cmd.args(["--log-format", "json", "serve", "--config"])
+            .arg(&self.config);
         self.proc = Proc::spawn("collector", cmd, self.proc.log.clone());
         let f = self.proc.started_fields("keytrail-collector started", after);
         self.receive = f["receive"].as_str().unwrap().parse().unwrap();
@@ -275,7 +315,11 @@ impl Collector {
         let deadline = Instant::now() + within;
         loop {
             let s = self.stored();
-            assert!(s <= n, "stored {s} events, more than the {n} sent\n{}", self.proc.log_text());
+            assert!(
+                s <= n,
+                "stored {s} events, more than the {n} sent\n{}",
+                self.proc.log_text()
+            );
             if s == n {
                 return;
             }
@@ -308,7 +352,10 @@ impl AgentOpts {
     pub fn new(sb: &Sandbox, agent_id: &str) -> AgentOpts {
         AgentOpts {
             agent_id: agent_id.to_string(),
-            cert: Some((sb.pki.join(format!("{agent_id}.crt")), sb.pki.join(format!("{agent_id}.key")))),
+            cert: Some((
+                sb.pki.join(format!("{agent_id}.crt")),
+                sb.pki.join(format!("{agent_id}.key")),
+            )),
             max_bytes: "256MiB".into(),
             when_full: "reject".into(),
             batch_max_events: 500,
@@ -351,7 +398,16 @@ impl Agent {
         text += &format!("[privacy]\nfingerprint_secret_file = {:?}\n", sb.secret);
         std::fs::write(&config, text).unwrap();
         let log = sb.path(&format!("agent-{}.log", opts.agent_id));
-        let mut a = Agent { proc: Proc { child: None, log, name: format!("agent {}", opts.agent_id) }, ingest: ([0, 0, 0, 0], 0).into(), data_dir, config };
+        let mut a = Agent {
+            proc: Proc {
+                child: None,
+                log,
+                name: format!("agent {}", opts.agent_id),
+            },
+            ingest: ([0, 0, 0, 0], 0).into(),
+            data_dir,
+            config,
+        };
         a.restart();
         a
     }
@@ -369,7 +425,13 @@ impl Agent {
     /// Posts NDJSON; returns status and body, or `None` when the connection failed.
     pub fn post_ndjson(&self, lines: &[String]) -> Option<(u16, String)> {
         let body = lines.join("\n");
-        http(self.ingest, "POST", "/v1/events", &[("Content-Type", "application/x-ndjson")], body.as_bytes())
+        http(
+            self.ingest,
+            "POST",
+            "/v1/events",
+            &[("Content-Type", "application/x-ndjson")],
+            body.as_bytes(),
+        )
     }
 
     /// Posts until a 202, retrying on connection errors and 503 (what a well-behaved SDK does).
@@ -399,17 +461,30 @@ impl Agent {
             if s == want {
                 return v;
             }
-            assert!(Instant::now() < deadline, "readyz stayed {s} ({v}), wanted {want}\n{}", self.proc.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "readyz stayed {s} ({v}), wanted {want}\n{}",
+                self.proc.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
 
 /// One HTTP/1.1 request with `Connection: close`; `None` when the connection failed.
-pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Option<(u16, String)> {
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         req += &format!("{k}: {v}\r\n");
     }
@@ -420,8 +495,15 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]
     s.read_to_end(&mut resp).ok()?;
     let text = String::from_utf8_lossy(&resp).into_owned();
     let status: u16 = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(&body) } else { body };
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(&body)
+    } else {
+        body
+    };
     Some((status, body))
 }
 
@@ -448,7 +530,9 @@ pub fn validation(id: &str, license: &str) -> String {
 
 /// `n` validation events `{prefix}-0..n`.
 pub fn validations(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| validation(&format!("{prefix}-{i}"), &format!("lic-{}", i % 50))).collect()
+    (0..n)
+        .map(|i| validation(&format!("{prefix}-{i}"), &format!("lic-{}", i % 50)))
+        .collect()
 }
 
 /// Every file under `dir` whose bytes contain `needle`.
@@ -456,7 +540,9 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut hits = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
