@@ -813,6 +813,9 @@ impl Buffer {
     /// are quarantined on the way.
     pub fn next_sealed(&self) -> Result<Option<SealedBatch>, BufferError> {
         let limit = self.durable_seq.load(Ordering::Acquire);
+        // Read and mark in flight under the layout lock, so drop_oldest cannot delete the
+        // batch between the two (its events would count as both dropped and delivered).
+        let _layout = self.layout.lock().expect("buffer layout");
         loop {
             let Some(item) = self.db.scan_prefix([S]).next() else {
                 return Ok(None);
@@ -832,7 +835,6 @@ impl Buffer {
                     }));
                 }
                 None => {
-                    let _layout = self.layout.lock().expect("buffer layout");
                     self.quarantine(&k, &v)?;
                     let mut st = self.state.lock().expect("buffer state");
                     st.counts.sealed_batches = st.counts.sealed_batches.saturating_sub(1);
@@ -963,32 +965,12 @@ impl Appender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keytrail_common::event::{Event, EventType, ResultCode, Usage};
+    use keytrail_common::event::{Event, EventType};
 
     fn event(i: u64) -> Event {
-        Event {
-            id: format!("e{i:05}"),
-            event_type: EventType::Validated,
-            time: 1_000 + i as i64,
-            agent_id: "a".into(),
-            license: Some(format!("l{}", i % 7)),
-            customer: None,
-            product: None,
-            plan: None,
-            previous_plan: None,
-            region: None,
-            user: None,
-            domain: None,
-            version: None,
-            feature: None,
-            machine: None,
-            country: None,
-            deployment: None,
-            result: ResultCode::Valid,
-            expires_at: None,
-            usage: Usage::default(),
-            attrs: vec![],
-        }
+        let mut e = Event::new(format!("e{i:05}"), EventType::Validated, 1_000 + i as i64, "a");
+        e.license = Some(format!("l{}", i % 7));
+        e
     }
 
     fn records(range: std::ops::Range<u64>) -> (Vec<u8>, u32) {

@@ -33,6 +33,8 @@ const MAX_EVENTS_PER_REQUEST: usize = 200_000;
 const PARSE_INLINE_BYTES: usize = 256 * 1024;
 /// Seconds a client is asked to wait when the buffer is full.
 const RETRY_AFTER_FULL: &str = "5";
+/// How long a request body may take to arrive in full.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long an HTTP connection may take to send its request head (slow-loris guard).
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -264,7 +266,16 @@ async fn post_events(api: &Arc<Api>, req: Request<Incoming>) -> Resp {
         api.metrics.errors.add(&["ingest", "body_too_large"], 1);
         return too_large();
     }
-    let body = match Limited::new(req.into_body(), max as usize).collect().await {
+    let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), max as usize).collect()).await;
+    let Ok(read) = read else {
+        api.metrics.errors.add(&["ingest", "body_timeout"], 1);
+        return error(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the body did not arrive within 60s",
+        );
+    };
+    let body = match read {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {

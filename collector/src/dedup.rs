@@ -37,32 +37,10 @@ pub fn plan(events: &[Event], seen_before: impl Fn(&str) -> bool, seen_now: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keytrail_common::event::{EventType, ResultCode, Usage};
+    use keytrail_common::event::EventType;
 
     fn ev(id: &str) -> Event {
-        Event {
-            id: id.into(),
-            event_type: EventType::PaymentFailed,
-            time: 0,
-            agent_id: "a".into(),
-            license: None,
-            customer: None,
-            product: None,
-            plan: None,
-            previous_plan: None,
-            region: None,
-            user: None,
-            domain: None,
-            version: None,
-            feature: None,
-            machine: None,
-            country: None,
-            deployment: None,
-            result: ResultCode::Valid,
-            expires_at: None,
-            usage: Usage::default(),
-            attrs: vec![],
-        }
+        Event::new(id, EventType::PaymentFailed, 0, "a")
     }
 
     #[test]

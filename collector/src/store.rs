@@ -693,32 +693,14 @@ impl StoreWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keytrail_common::event::{EventType, ResultCode, Usage};
+    use keytrail_common::event::EventType;
 
     fn ev(id: &str, license: &str, t: i64) -> Event {
-        Event {
-            id: id.into(),
-            event_type: EventType::Validated,
-            time: t,
-            agent_id: "a".into(),
-            license: Some(license.into()),
-            customer: None,
-            product: None,
-            plan: Some("pro".into()),
-            previous_plan: None,
-            region: None,
-            user: None,
-            domain: None,
-            version: None,
-            feature: None,
-            machine: None,
-            country: Some("DE".into()),
-            deployment: None,
-            result: ResultCode::Valid,
-            expires_at: None,
-            usage: Usage::default(),
-            attrs: vec![],
-        }
+        let mut e = Event::new(id, EventType::Validated, t, "a");
+        e.license = Some(license.into());
+        e.plan = Some("pro".into());
+        e.country = Some("DE".into());
+        e
     }
 
     fn batch(seq: u64, crc: u32, events: Vec<Event>) -> IncomingBatch {

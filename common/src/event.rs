@@ -175,6 +175,33 @@ pub struct Event {
 }
 
 impl Event {
+    /// An event with only its required parts set: result `valid`, every optional field empty.
+    pub fn new(id: impl Into<String>, event_type: EventType, time: UnixNanos, agent_id: impl Into<String>) -> Event {
+        Event {
+            id: id.into(),
+            event_type,
+            time,
+            agent_id: agent_id.into(),
+            license: None,
+            customer: None,
+            product: None,
+            plan: None,
+            previous_plan: None,
+            region: None,
+            user: None,
+            domain: None,
+            version: None,
+            feature: None,
+            machine: None,
+            country: None,
+            deployment: None,
+            result: ResultCode::Valid,
+            expires_at: None,
+            usage: Usage::default(),
+            attrs: Vec::new(),
+        }
+    }
+
     /// Re-checks the limits of a decoded event (the collector does not trust its peers' encoders).
     pub fn check_limits(&self) -> Result<(), String> {
         let check = |name: &str, v: &Option<String>, max: usize| match v {
