@@ -25,25 +25,20 @@ fn main() {
         }
     }
     // Bodies are prepared up front so the generator spends its CPU on sending, not formatting.
-    let bodies: Vec<Vec<Vec<u8>>> = (0..conns)
+    // Every event id carries a fixed-width request counter that is patched in place before
+    // each send, so every event ever sent is unique (the collector would otherwise count
+    // replays as duplicates).
+    let bodies: Vec<Vec<(Vec<u8>, Vec<usize>)>> = (0..conns)
         .map(|c| {
             let mut t = Traffic::new(1000 + c as u64, 5000);
-            (0..64)
-                .map(|_| {
-                    (0..batch)
-                        .map(|_| t.event())
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                        .into_bytes()
-                })
-                .collect()
+            (0..16).map(|b| template(&mut t, c, b, batch)).collect()
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let start = Instant::now();
     let handles: Vec<_> = bodies
         .into_iter()
-        .map(|bodies| {
+        .map(|mut bodies| {
             let agent = agent.clone();
             std::thread::spawn(move || {
                 let stream = TcpStream::connect(&agent).unwrap_or_else(|e| die(&format!("connecting to {agent}: {e}")));
@@ -54,8 +49,14 @@ fn main() {
                 let mut events = 0u64;
                 let mut i = 0;
                 while Instant::now() < deadline {
-                    let body = &bodies[i % bodies.len()];
+                    let n = bodies.len();
+                    let (body, slots) = &mut bodies[i % n];
+                    let stamp = format!("{:010}", i / n);
+                    for &at in slots.iter() {
+                        body[at..at + 10].copy_from_slice(stamp.as_bytes());
+                    }
                     i += 1;
+                    let body = &*body;
                     let t0 = Instant::now();
                     let head = format!(
                         "POST /v1/events HTTP/1.1\r\nHost: {agent}\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n",
@@ -91,6 +92,25 @@ fn main() {
         pct(0.50).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3
     );
+}
+
+/// A body of `batch` NDJSON events whose ids are `L<conn>-<body>-<10-digit counter>-<i>`;
+/// returns it with the offsets of the counter digits.
+fn template(t: &mut Traffic, conn: usize, body: usize, batch: usize) -> (Vec<u8>, Vec<usize>) {
+    let mut out = Vec::new();
+    let mut slots = Vec::with_capacity(batch);
+    for i in 0..batch {
+        let line = t.event();
+        // Every generated line starts with {"id":"…", — keep what follows the id.
+        let rest = &line[line.find("\",").expect("id field")..];
+        let head = format!("{{\"id\":\"L{conn}-{body}-");
+        slots.push(out.len() + head.len());
+        out.extend_from_slice(head.as_bytes());
+        out.extend_from_slice(format!("0000000000-{i}").as_bytes());
+        out.extend_from_slice(rest.as_bytes());
+        out.push(b'\n');
+    }
+    (out, slots)
 }
 
 /// Reads one response; returns its status. Bodies are sized by Content-Length (the agent
