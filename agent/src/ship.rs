@@ -19,6 +19,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use keytrail_common::tls::Reloading;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -178,7 +179,8 @@ pub struct CollectorClient {
     port: u16,
     authority: String,
     server_name: ServerName<'static>,
-    connector: TlsConnector,
+    /// CA, client certificate and key, re-read when the files change.
+    tls: Reloading<rustls::ClientConfig>,
     timeout: Duration,
     sender: Option<SendRequest<Full<Bytes>>>,
 }
@@ -199,15 +201,22 @@ impl CollectorClient {
         let port = uri.port_u16().unwrap_or(443);
         let server_name =
             ServerName::try_from(host.clone()).map_err(|e| format!("ship.collector host {host:?}: {e}"))?;
-        let pair = cfg.client_cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
-        let tls = keytrail_common::tls::client_config(&cfg.ca, pair)?;
+        let (ca, client_cert) = (cfg.ca.clone(), cfg.client_cert.clone());
+        let mut files = vec![ca.clone()];
+        if let Some((c, k)) = &client_cert {
+            files.extend([c.clone(), k.clone()]);
+        }
+        let tls = Reloading::new("collector TLS", files, move || {
+            let pair = client_cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+            keytrail_common::tls::client_config(&ca, pair)
+        })?;
         let authority = uri.authority().map(|a| a.to_string()).unwrap_or_else(|| host.clone());
         Ok(CollectorClient {
             host,
             port,
             authority,
             server_name,
-            connector: TlsConnector::from(Arc::new(tls)),
+            tls,
             timeout: cfg.request_timeout,
             sender: None,
         })
@@ -228,8 +237,7 @@ impl CollectorClient {
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let tls = self
-                .connector
+            let tls = TlsConnector::from(self.tls.current())
                 .connect(self.server_name.clone(), tcp)
                 .await
                 .map_err(|e| ShipError::from_io("TLS handshake", &e))?;

@@ -30,8 +30,14 @@ const PURGE_EVERY: Duration = Duration::from_secs(3600);
 /// holds (agents whose request was cut off resend; duplicates are harmless) → final flush.
 pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
     let token = config.read_token().map_err(anyhow::Error::msg)?;
-    let tls = keytrail_common::tls::server_config(&config.cert, &config.key, config.client_ca.as_deref())
-        .map_err(anyhow::Error::msg)?;
+    // Certificates, key and client CA are re-read when they change: rotation needs no restart.
+    let (cert, key, ca) = (config.cert.clone(), config.key.clone(), config.client_ca.clone());
+    let mut tls_files = vec![cert.clone(), key.clone()];
+    tls_files.extend(ca.clone());
+    let tls = keytrail_common::tls::Reloading::new("receive TLS", tls_files, move || {
+        keytrail_common::tls::server_config(&cert, &key, ca.as_deref())
+    })
+    .map_err(anyhow::Error::msg)?;
     let (dir, cache, dedup, raw) = (
         config.data_dir.clone(),
         config.cache_bytes,
@@ -66,8 +72,7 @@ pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
         metrics: Arc::clone(&metrics),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let recv = tokio::spawn(receive::serve(recv_listener, acceptor, receiver, stop_rx.clone()));
+    let recv = tokio::spawn(receive::serve(recv_listener, Arc::new(tls), receiver, stop_rx.clone()));
     let api = Arc::new(api::Api {
         store: Arc::clone(&store),
         metrics,

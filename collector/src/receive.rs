@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use keytrail_common::tls::Reloading;
 use keytrail_common::wire::{self, DecodeLimits};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -49,7 +50,7 @@ impl Receiver {
 
 pub async fn serve(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Arc<Reloading<rustls::ServerConfig>>,
     receiver: Arc<Receiver>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -66,7 +67,7 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let acceptor = TlsAcceptor::from(tls.current());
         let receiver = Arc::clone(&receiver);
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

@@ -82,3 +82,106 @@ pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
     let cn = parsed.subject().iter_common_name().next()?.as_str().ok()?.to_string();
     Some(cn)
 }
+
+/// TLS material that follows its files: `current()` re-reads them when their modification
+/// time, size or inode changed (checked at most once per [`RELOAD_CHECK_EVERY`]), so
+/// certificates and CAs can be rotated without a restart. A failed rebuild keeps the previous
+/// material and logs why; the initial build must succeed.
+pub struct Reloading<T> {
+    what: &'static str,
+    paths: Vec<std::path::PathBuf>,
+    build: Box<dyn Fn() -> Result<T, String> + Send + Sync>,
+    state: std::sync::Mutex<ReloadState<T>>,
+}
+
+/// How often the files behind a [`Reloading`] are looked at.
+pub const RELOAD_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+type Stamp = Option<(std::time::SystemTime, u64, u64)>;
+
+struct ReloadState<T> {
+    current: Arc<T>,
+    stamps: Vec<Stamp>,
+    checked: std::time::Instant,
+}
+
+fn stamp(path: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+impl<T> Reloading<T> {
+    pub fn new(
+        what: &'static str,
+        paths: Vec<std::path::PathBuf>,
+        build: impl Fn() -> Result<T, String> + Send + Sync + 'static,
+    ) -> Result<Self, String> {
+        let stamps = paths.iter().map(|p| stamp(p)).collect();
+        let current = Arc::new(build()?);
+        Ok(Reloading {
+            what,
+            paths,
+            build: Box::new(build),
+            state: std::sync::Mutex::new(ReloadState {
+                current,
+                stamps,
+                checked: std::time::Instant::now(),
+            }),
+        })
+    }
+
+    /// The material to use for a new connection.
+    pub fn current(&self) -> Arc<T> {
+        let mut st = self.state.lock().expect("tls reload state");
+        if st.checked.elapsed() >= RELOAD_CHECK_EVERY {
+            st.checked = std::time::Instant::now();
+            let stamps: Vec<Stamp> = self.paths.iter().map(|p| stamp(p)).collect();
+            if stamps != st.stamps {
+                match (self.build)() {
+                    Ok(t) => {
+                        st.current = Arc::new(t);
+                        st.stamps = stamps;
+                        tracing::info!(what = self.what, "TLS files changed: reloaded");
+                    }
+                    Err(e) => {
+                        // Keep serving with what worked; try again when the files change again.
+                        st.stamps = stamps;
+                        tracing::error!(what = self.what, error = %e, "TLS files changed but cannot be used: keeping the previous ones");
+                    }
+                }
+            }
+        }
+        Arc::clone(&st.current)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reloads_when_a_file_changes_and_keeps_the_old_on_error() {
+        let dir = std::env::temp_dir().join(format!("kt-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("material");
+        std::fs::write(&f, "1").unwrap();
+        let path = f.clone();
+        let r = Reloading::new("test", vec![f.clone()], move || {
+            let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+            text.trim().parse::<u32>().map_err(|e| e.to_string())
+        })
+        .unwrap();
+        assert_eq!(*r.current(), 1);
+        // Replace the file (new inode), as certificate rotation tools do.
+        std::fs::write(dir.join("next"), "2").unwrap();
+        std::fs::rename(dir.join("next"), &f).unwrap();
+        std::thread::sleep(RELOAD_CHECK_EVERY);
+        assert_eq!(*r.current(), 2);
+        std::fs::write(dir.join("next"), "not a number").unwrap();
+        std::fs::rename(dir.join("next"), &f).unwrap();
+        std::thread::sleep(RELOAD_CHECK_EVERY);
+        assert_eq!(*r.current(), 2, "a broken file keeps the previous material");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -312,3 +312,53 @@ fn analyst_token_guards_the_api() {
     let log = std::fs::read_to_string(&collector.proc.log).unwrap();
     assert!(!log.contains("s3cret-token"), "the token must never be logged");
 }
+
+/// Certificates rotate without restarts: an agent started with a stranger's certificate
+/// recovers when its files are replaced with good ones, and the collector picks up a
+/// re-issued server certificate.
+#[test]
+fn certificates_are_reloaded_without_a_restart() {
+    let sb = Sandbox::new("rotate");
+    let collector = Collector::start(&sb, CollectorOpts::default());
+    let rogue = sb.rogue_pki();
+    let (crt, key) = (sb.path("agent.crt"), sb.path("agent.key"));
+    std::fs::copy(rogue.join("agent-a.crt"), &crt).unwrap();
+    std::fs::copy(rogue.join("agent-a.key"), &key).unwrap();
+    let mut opts = AgentOpts::new(&sb, "agent-a");
+    opts.cert = Some((crt.clone(), key.clone()));
+    let agent = Agent::start(&sb, &collector.url(), opts);
+    agent.post_until_accepted(&validations("rot", 50), WAIT);
+    let red = agent.wait_ready(503, WAIT);
+    assert!(red["reason"].as_str().unwrap().contains("certificate"), "{red}");
+    // Rotate the way tools do: write next to it, then rename over it.
+    for (src, dst) in [(sb.pki.join("agent-a.crt"), &crt), (sb.pki.join("agent-a.key"), &key)] {
+        let tmp = dst.with_extension("new");
+        std::fs::copy(src, &tmp).unwrap();
+        std::fs::rename(&tmp, dst).unwrap();
+    }
+    collector.wait_stored(50, WAIT, Some(&agent));
+    agent.wait_ready(200, WAIT);
+    assert!(std::fs::read_to_string(&agent.proc.log)
+        .unwrap()
+        .contains("TLS files changed: reloaded"));
+
+    // Re-issue the collector's certificate from the same CA: new connections use it.
+    let out = std::process::Command::new(bin("keytrail-collector"))
+        .args(["certs", "--out"])
+        .arg(&sb.pki)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let deadline = std::time::Instant::now() + WAIT;
+    while !std::fs::read_to_string(&collector.proc.log)
+        .unwrap()
+        .contains("TLS files changed: reloaded")
+    {
+        // Each new connection makes the collector look at its files.
+        let _ = std::net::TcpStream::connect(collector.receive);
+        assert!(std::time::Instant::now() < deadline, "{}", collector.proc.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    agent.post_until_accepted(&validations("after", 10), WAIT);
+    collector.wait_stored(60, WAIT, Some(&agent));
+}
