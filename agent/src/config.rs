@@ -44,6 +44,7 @@ pub struct RawContext {
 pub struct RawIngest {
     pub listen: Option<String>,
     pub max_body_bytes: Option<ByteSize>,
+    pub max_inflight_bytes: Option<ByteSize>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -131,6 +132,8 @@ pub struct AgentConfig {
     pub context: Context,
     pub ingest_listen: SocketAddr,
     pub max_body_bytes: u64,
+    /// Budget of request bytes being read, parsed or written at once; requests wait for room.
+    pub max_inflight_bytes: u64,
     pub proxy: Option<ProxyConfig>,
     pub buffer_dir: PathBuf,
     pub max_bytes: u64,
@@ -225,6 +228,10 @@ impl AgentConfig {
         let max_body_bytes = raw.ingest.max_body_bytes.map_or(10 << 20, |b| b.0);
         if !(1024..=(256 << 20)).contains(&max_body_bytes) {
             err("ingest.max_body_bytes must be between 1KiB and 256MiB".into());
+        }
+        let max_inflight_bytes = raw.ingest.max_inflight_bytes.map_or(64 << 20, |b| b.0);
+        if max_inflight_bytes < max_body_bytes {
+            err("ingest.max_inflight_bytes must be at least ingest.max_body_bytes".into());
         }
 
         let proxy = raw.proxy.map(|p| {
@@ -332,6 +339,7 @@ impl AgentConfig {
             context,
             ingest_listen: ingest_listen.expect("checked above"),
             max_body_bytes,
+            max_inflight_bytes,
             proxy,
             buffer_dir,
             max_bytes,
@@ -392,6 +400,17 @@ mod tests {
         assert_eq!(c.ship.batch_max_events, 5000);
         assert_eq!(c.ship.batch_timeout, Duration::from_secs(1));
         assert!(c.proxy.is_none());
+    }
+
+    #[test]
+    fn inflight_budget_must_hold_one_whole_body() {
+        let c = AgentConfig::parse(MINIMAL).unwrap();
+        assert_eq!((c.max_body_bytes, c.max_inflight_bytes), (10 << 20, 64 << 20));
+        let err = AgentConfig::parse(&format!(
+            "{MINIMAL}\n[ingest]\nmax_body_bytes = \"8MiB\"\nmax_inflight_bytes = \"4MiB\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("max_inflight_bytes"), "{err}");
     }
 
     #[test]

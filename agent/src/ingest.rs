@@ -47,6 +47,15 @@ pub struct Api {
     pub metrics: Arc<AgentMetrics>,
     pub health: Arc<ShipHealth>,
     pub ids: EventIds,
+    /// Permits of 1 KiB: the budget of request bytes in flight (`ingest.max_inflight_bytes`).
+    pub inflight: tokio::sync::Semaphore,
+}
+
+impl Api {
+    /// The in-flight budget for a config, in 1 KiB permits.
+    pub fn inflight_budget(config: &AgentConfig) -> tokio::sync::Semaphore {
+        tokio::sync::Semaphore::new((config.max_inflight_bytes / 1024) as usize)
+    }
 }
 
 /// Unique ids for events that come without one: a random per-process prefix and a counter.
@@ -266,6 +275,17 @@ async fn post_events(api: &Arc<Api>, req: Request<Incoming>) -> Resp {
         api.metrics.errors.add(&["ingest", "body_too_large"], 1);
         return too_large();
     }
+    // Memory stays bounded however many clients post at once: a request holds its share of
+    // the in-flight budget (the declared size, or the cap when the size is unknown) while its
+    // body is read, parsed and made durable; others wait for room.
+    let kib = (declared.unwrap_or(max).max(1024) / 1024) as u32;
+    let Ok(_permit) = api.inflight.acquire_many(kib).await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the agent is shutting down",
+        );
+    };
     let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), max as usize).collect()).await;
     let Ok(read) = read else {
         api.metrics.errors.add(&["ingest", "body_timeout"], 1);

@@ -76,7 +76,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Arc::clone(&metrics),
         stop_rx.clone(),
     ));
+    let inflight = ingest::Api::inflight_budget(&config);
     let api = Arc::new(ingest::Api {
+        inflight,
         config,
         buffer: Arc::clone(&buffer),
         appender,
