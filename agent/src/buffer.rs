@@ -17,9 +17,16 @@
 //! | `m.next_seq`       | `u64 BE`: the next batch sequence; written with every seal |
 //! | `m.format`         | `u32 BE`: layout version (1) |
 //! | `p` ‖ chunk `u64`  | pending chunk: `1 ‖ crc32 ‖ count u32 ‖ arrived i64 ‖ records` |
-//! | `s` ‖ seq `u64`    | sealed batch: `1 ‖ crc32 ‖ count u32 ‖ sealed i64 ‖ first_arrived i64 ‖ frame` |
+//! | `s` ‖ seq `u64`    | sealed batch record: `1 ‖ crc32 ‖ count u32 ‖ first_arrived i64 ‖ file_len u64` |
 //! | `d` ‖ seq `u64`    | dead letter: `1 ‖ crc32 ‖ count u32 ‖ dead_at i64 ‖ reason_len u16 ‖ reason ‖ frame` |
 //! | `q` ‖ n `u64`      | quarantine: raw bytes of a record whose checksum failed |
+//!
+//! Beside sled, `sealed/<seq, 20 digits>.batch` holds each sealed batch:
+//! `1 ‖ crc32 ‖ count u32 ‖ sealed i64 ‖ first_arrived i64 ‖ frame`. Sealed frames live in
+//! files, not in sled's tree, because sled 0.34 keeps the tree nodes that hold large values in
+//! memory regardless of `cache_capacity`: with frames in the tree the agent's RSS grew by about
+//! one frame per buffered batch (docs/benchmarks.md). With only small records in the tree,
+//! memory stays flat however long the collector is away.
 //!
 //! All integers big-endian; `crc32` (IEEE) covers every byte after it. A chunk holds many
 //! events — one group commit, i.e. every request that arrived during the previous flush — as
@@ -38,7 +45,8 @@
 //!   arrived while the previous one ran (leader-style group commit: no fixed N or T window,
 //!   the batch is whatever queued up during one flush).
 //! * **Seal once.** Sealing takes the oldest pending records (up to the batch limits, splitting
-//!   a chunk if needed), compresses them into a frame with sequence `m.next_seq`, and in one
+//!   a chunk if needed), compresses them into a frame with sequence `m.next_seq`, writes the
+//!   batch file durably (temporary file, fsync, rename, fsync of the folder), then in one
 //!   `apply_batch` inserts `s‖seq`, removes or shortens the chunks and advances `m.next_seq`;
 //!   then flushes. Only sequences below [`Buffer::durable_seq`] — sealed *and* flushed — are
 //!   handed to the shipper, so a sequence number is never sent and then reused for other
@@ -46,10 +54,11 @@
 //! * **Sequence numbers survive a lost database.** A fresh database starts `m.next_seq` at the
 //!   current unix time in microseconds, so a database moved aside after corruption cannot
 //!   restart at 0 and collide with sequences the collector has already seen.
-//! * **Delete after ack.** `s‖seq` is removed when the collector answered 200; the removal is
-//!   not flushed on its own (losing it only means one resend, which the collector
-//!   deduplicates by agent and sequence).
-//! * **Permanent rejects** (400/413) move `s‖seq` to `d‖seq` in one `apply_batch`, flushed.
+//! * **Delete after ack.** When the collector answered 200, `s‖seq` is removed and flushed,
+//!   then the file is deleted: a record never outlives its file, so recovery can treat a
+//!   record without a file as corruption and a file without a record as garbage.
+//! * **Permanent rejects** (400/413) replace `s‖seq` with `d‖seq` (which holds the frame and
+//!   the reason) in one `apply_batch`, flushed, then delete the file.
 //!   Dead letters are kept for inspection up to a tenth of `max_bytes`; beyond that the oldest
 //!   are deleted and counted (`dead_letter_overflow`).
 //! * **Disk cap.** `max_bytes` bounds the bytes of all records (pending + sealed + dead).
@@ -64,9 +73,10 @@
 //! |------------------------------|---------------|
 //! | append, before the flush     | the chunk is there or not (sled recovers a prefix of its log); the client got no 202 and retries; events with their own `id` are deduplicated by the collector |
 //! | append, after the flush      | the chunk is there; the client may or may not have seen the 202 |
-//! | seal, before its flush       | either the chunks and old `m.next_seq` (re-sealed later, same or new content, never sent before) or the sealed batch — never both, never half |
+//! | seal, before its record is flushed | either the chunks and old `m.next_seq` (re-sealed later, same or new content, never sent before; a file left from the attempt is deleted by recovery) or the sealed batch — never both, never half |
 //! | send, before the answer      | the batch is resent byte-identical with the same sequence |
-//! | ack, before the delete is durable | the batch is resent; the collector answers 200 as a duplicate |
+//! | ack, before the record's removal is durable | the batch is resent; the collector answers 200 as a duplicate |
+//! | ack, after the removal, before the file is deleted | recovery deletes the file |
 //! | dead-lettering               | the batch is in `s` or in `d`, never both |
 //!
 //! Process kill: nothing acknowledged is lost. Power loss: the same, to the extent that
@@ -75,7 +85,8 @@
 //!
 //! A database that cannot be opened (corrupt, unreadable) is renamed to
 //! `<dir>.corrupt-<unix seconds>` with an ERROR log and a fresh one is created; the agent
-//! never crash-loops on its own data. A record whose checksum fails is moved to `q` and its
+//! never crash-loops on its own data. A record whose checksum fails, or a sealed batch whose
+//! file is missing or damaged, is moved to `q` (the file renamed to `.corrupt`) and its
 //! events are counted as dropped (`corrupt`).
 
 use std::path::{Path, PathBuf};
@@ -98,6 +109,8 @@ const S: u8 = b's';
 const D: u8 = b'd';
 const Q: u8 = b'q';
 const RECORD_VERSION: u8 = 1;
+/// Folder of sealed batch files, inside the buffer directory.
+const SEALED_DIR: &str = "sealed";
 /// Largest chunk one group commit writes; a bigger group is split into several chunks.
 const MAX_CHUNK_BYTES: usize = 4 << 20;
 /// Most appends waiting for the writer; beyond this, callers wait for a slot (backpressure).
@@ -132,6 +145,8 @@ pub enum BufferError {
     Open { path: PathBuf, message: String },
     #[error("buffer storage: {0}")]
     Storage(#[from] sled::Error),
+    #[error("sealed batch file {path}: {message}")]
+    File { path: PathBuf, message: String },
 }
 
 /// A sealed batch ready to send.
@@ -182,6 +197,8 @@ pub struct Buffer {
     db: sled::Db,
     /// sled's log file, kept open to `fdatasync` after each flush.
     log_file: Option<std::fs::File>,
+    /// `<dir>/sealed`: one file per sealed batch (see the module doc).
+    sealed_dir: PathBuf,
     agent_id: String,
     limits: BufferLimits,
     state: Mutex<Mutable>,
@@ -262,9 +279,9 @@ fn parse_chunk(r: &[u8]) -> Option<Chunk<'_>> {
     })
 }
 
+/// A sealed batch file's content (its `first_arrived` lives in the sled record too).
 struct Sealed<'a> {
     count: u32,
-    first_arrived: UnixNanos,
     frame: &'a [u8],
 }
 
@@ -272,9 +289,47 @@ fn parse_sealed(r: &[u8]) -> Option<Sealed<'_>> {
     let b = open_record(r, 20)?;
     Some(Sealed {
         count: be_u32(b, 0),
-        first_arrived: be_i64(b, 12),
         frame: &b[20..],
     })
+}
+
+/// What sled keeps of a sealed batch; the frame itself lives in `sealed/<seq>.batch`.
+#[derive(Clone, Copy, Debug)]
+struct SealedMeta {
+    count: u32,
+    first_arrived: UnixNanos,
+    file_len: u64,
+}
+
+fn sealed_meta_record(m: SealedMeta) -> Vec<u8> {
+    let mut body = Vec::with_capacity(20);
+    body.extend_from_slice(&m.count.to_be_bytes());
+    body.extend_from_slice(&m.first_arrived.to_be_bytes());
+    body.extend_from_slice(&m.file_len.to_be_bytes());
+    record(&body)
+}
+
+fn parse_sealed_meta(r: &[u8]) -> Option<SealedMeta> {
+    let b = open_record(r, 20)?;
+    Some(SealedMeta {
+        count: be_u32(b, 0),
+        first_arrived: be_i64(b, 4),
+        file_len: u64::from_be_bytes(b[12..20].try_into().ok()?),
+    })
+}
+
+/// Writes `bytes` to `path` durably: a temporary file, `fsync`, rename, `fsync` of the folder.
+fn write_file_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 struct Dead<'a> {
@@ -355,6 +410,8 @@ impl Buffer {
             }
         };
         let log_file = std::fs::OpenOptions::new().write(true).open(dir.join("db")).ok();
+        let sealed_dir = dir.join(SEALED_DIR);
+        std::fs::create_dir_all(&sealed_dir).map_err(|e| open_err(format!("{}: {e}", sealed_dir.display())))?;
 
         // Identity and sequence, persisted before first use.
         let stored_id = db.get(META_AGENT_ID)?.map(|v| String::from_utf8_lossy(&v).into_owned());
@@ -385,6 +442,7 @@ impl Buffer {
         let buffer = Buffer {
             db,
             log_file,
+            sealed_dir,
             agent_id,
             limits,
             state: Mutex::new(Mutable {
@@ -422,15 +480,35 @@ impl Buffer {
                 None => bad.push((k, v)),
             }
         }
+        let mut known = std::collections::HashSet::new();
         for item in self.db.scan_prefix([S]) {
             let (k, v) = item?;
-            match parse_sealed(&v) {
-                Some(s) => {
-                    counts.sealed_events += s.count as u64;
-                    counts.sealed_bytes += v.len() as u64;
+            match parse_sealed_meta(&v) {
+                Some(m) if self.sealed_path(key_num(&k)).exists() => {
+                    known.insert(key_num(&k));
+                    counts.sealed_events += m.count as u64;
+                    counts.sealed_bytes += m.file_len;
                     counts.sealed_batches += 1;
                 }
-                None => bad.push((k, v)),
+                _ => bad.push((k, v)),
+            }
+        }
+        // Files without a record were either sealed by a seal that never committed (their
+        // events are still pending and were never sent) or acknowledged before a crash: both
+        // are safe to delete. Half-written temporary files likewise.
+        if let Ok(entries) = std::fs::read_dir(&self.sealed_dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let seq = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .and_then(|s| s.parse::<u64>().ok());
+                let is_batch = path.extension().is_some_and(|e| e == "batch");
+                if !is_batch || seq.is_none_or(|n| !known.contains(&n)) {
+                    if path.extension().is_some_and(|e| e == "batch" || e == "tmp") {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
             }
         }
         for item in self.db.scan_prefix([D]) {
@@ -476,10 +554,18 @@ impl Buffer {
         b.insert(&key(Q, n), v);
         self.db.apply_batch(b)?;
         self.db.flush()?;
+        if k[0] == S {
+            let path = self.sealed_path(key_num(k));
+            let _ = std::fs::rename(&path, path.with_extension("corrupt"));
+        }
         tracing::error!(record = %String::from_utf8_lossy(&k[..1]), seq = key_num(k), events = count,
             "buffer record failed its checksum: moved to quarantine, its events are counted as dropped");
         self.metrics.discarded.add(&["corrupt"], count);
         Ok(())
+    }
+
+    fn sealed_path(&self, seq: u64) -> PathBuf {
+        self.sealed_dir.join(format!("{seq:020}.batch"))
     }
 
     pub fn agent_id(&self) -> &str {
@@ -498,7 +584,7 @@ impl Buffer {
     /// Arrival time of the oldest buffered (unsent) event.
     pub fn oldest_arrival(&self) -> Option<UnixNanos> {
         let sealed = self.db.scan_prefix([S]).values().next().and_then(Result::ok);
-        let sealed = sealed.as_deref().and_then(parse_sealed).map(|s| s.first_arrived);
+        let sealed = sealed.as_deref().and_then(parse_sealed_meta).map(|s| s.first_arrived);
         let pending = self.db.scan_prefix([P]).values().next().and_then(Result::ok);
         let pending = pending.as_deref().and_then(parse_chunk).map(|c| c.arrived);
         match (sealed, pending) {
@@ -664,11 +750,16 @@ impl Buffer {
             if key_num(&k) == in_flight {
                 continue;
             }
-            let count = parse_sealed(&v).map_or(0, |s| s.count);
+            let meta = parse_sealed_meta(&v);
+            let count = meta.map_or(0, |m| m.count);
+            // The record goes first and durably, so a crash never leaves a record whose file
+            // is gone (which recovery would report as corruption).
             self.db.remove(&k)?;
+            self.flush()?;
+            let _ = std::fs::remove_file(self.sealed_path(key_num(&k)));
             let mut st = self.state.lock().expect("buffer state");
             st.counts.sealed_events = st.counts.sealed_events.saturating_sub(count as u64);
-            st.counts.sealed_bytes = st.counts.sealed_bytes.saturating_sub(v.len() as u64);
+            st.counts.sealed_bytes = st.counts.sealed_bytes.saturating_sub(meta.map_or(0, |m| m.file_len));
             st.counts.sealed_batches = st.counts.sealed_batches.saturating_sub(1);
             drop(st);
             self.metrics.discarded.add(&["drop_oldest"], count as u64);
@@ -790,7 +881,20 @@ impl Buffer {
         body.extend_from_slice(&frame);
         let sealed = record(&body);
         let sealed_len = sealed.len() as u64;
-        batch.insert(&key(S, seq), sealed);
+        // The file first (durable), then the record that makes it part of the buffer. A crash
+        // in between leaves a file without a record, deleted by recovery; its events are still
+        // pending and its sequence was never sent.
+        let path = self.sealed_path(seq);
+        write_file_durably(&path, &sealed).map_err(|e| BufferError::File {
+            path,
+            message: e.to_string(),
+        })?;
+        let meta = SealedMeta {
+            count: events,
+            first_arrived,
+            file_len: sealed_len,
+        };
+        batch.insert(&key(S, seq), sealed_meta_record(meta));
         batch.insert(META_NEXT_SEQ, &(seq + 1).to_be_bytes());
         self.db.apply_batch(batch)?;
         self.flush()?;
@@ -825,33 +929,44 @@ impl Buffer {
             if seq >= limit {
                 return Ok(None);
             }
-            match parse_sealed(&v) {
-                Some(s) => {
+            let file = parse_sealed_meta(&v).and_then(|_| std::fs::read(self.sealed_path(seq)).ok());
+            match file.as_deref().and_then(parse_sealed) {
+                Some(sealed) => {
                     self.in_flight.store(seq, Ordering::Relaxed);
                     return Ok(Some(SealedBatch {
                         seq: BatchSeq(seq),
-                        events: s.count,
-                        frame: s.frame.to_vec(),
+                        events: sealed.count,
+                        frame: sealed.frame.to_vec(),
                     }));
                 }
                 None => {
+                    // Missing or damaged file: moved aside, its events counted as dropped.
+                    let meta = parse_sealed_meta(&v);
                     self.quarantine(&k, &v)?;
                     let mut st = self.state.lock().expect("buffer state");
                     st.counts.sealed_batches = st.counts.sealed_batches.saturating_sub(1);
-                    st.counts.sealed_bytes = st.counts.sealed_bytes.saturating_sub(v.len() as u64);
+                    st.counts.sealed_events = st
+                        .counts
+                        .sealed_events
+                        .saturating_sub(meta.map_or(0, |m| m.count as u64));
+                    st.counts.sealed_bytes = st.counts.sealed_bytes.saturating_sub(meta.map_or(0, |m| m.file_len));
                 }
             }
         }
     }
 
-    /// The collector stored the batch: delete it.
+    /// The collector stored the batch: delete it. The record is removed durably before the
+    /// file, so a record never outlives its file (recovery would call that corruption).
     pub fn ack(&self, batch: &SealedBatch) -> Result<(), BufferError> {
         let _layout = self.layout.lock().expect("buffer layout");
         self.in_flight.store(u64::MAX, Ordering::Relaxed);
         if let Some(v) = self.db.remove(key(S, batch.seq.0))? {
+            self.flush()?;
+            let _ = std::fs::remove_file(self.sealed_path(batch.seq.0));
+            let file_len = parse_sealed_meta(&v).map_or(0, |m| m.file_len);
             let mut st = self.state.lock().expect("buffer state");
             st.counts.sealed_events = st.counts.sealed_events.saturating_sub(batch.events as u64);
-            st.counts.sealed_bytes = st.counts.sealed_bytes.saturating_sub(v.len() as u64);
+            st.counts.sealed_bytes = st.counts.sealed_bytes.saturating_sub(file_len);
             st.counts.sealed_batches = st.counts.sealed_batches.saturating_sub(1);
         }
         drop(_layout);
@@ -874,10 +989,12 @@ impl Buffer {
         b.insert(&key(D, batch.seq.0), dead);
         self.db.apply_batch(b)?;
         self.flush()?;
+        let _ = std::fs::remove_file(self.sealed_path(batch.seq.0));
         {
+            let file_len = parse_sealed_meta(&v).map_or(0, |m| m.file_len);
             let mut st = self.state.lock().expect("buffer state");
             st.counts.sealed_events = st.counts.sealed_events.saturating_sub(batch.events as u64);
-            st.counts.sealed_bytes = st.counts.sealed_bytes.saturating_sub(v.len() as u64);
+            st.counts.sealed_bytes = st.counts.sealed_bytes.saturating_sub(file_len);
             st.counts.sealed_batches = st.counts.sealed_batches.saturating_sub(1);
             st.counts.dead_batches += 1;
             st.counts.dead_bytes += dead_len;
@@ -1175,6 +1292,43 @@ mod tests {
         assert_eq!(b.counts().pending_events, 0);
         assert_eq!(metrics.discarded.get(&["corrupt"]), 4);
         assert_eq!(b.db.scan_prefix([Q]).count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sealed_files_missing_or_orphaned_are_handled_at_recovery() {
+        let dir = tmp("files");
+        let metrics = Arc::new(AgentMetrics::default());
+        {
+            let b = Buffer::open(&dir, Some("a"), limits(64 << 20, WhenFull::Reject, 10), metrics.clone()).unwrap();
+            let app = b.start_writer();
+            let (recs, n) = records(0..30);
+            app.append(recs, n).await.unwrap();
+            for _ in 0..3 {
+                b.seal_one().unwrap().unwrap();
+            }
+            shut(b, app);
+        }
+        let mut files: Vec<_> = std::fs::read_dir(dir.join(SEALED_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        assert_eq!(files.len(), 3);
+        // One batch file lost; one stray file left by an interrupted seal.
+        std::fs::remove_file(&files[0]).unwrap();
+        let stray = dir.join(SEALED_DIR).join(format!("{:020}.batch", u64::MAX - 1));
+        std::fs::write(&stray, b"left over").unwrap();
+        let b = Buffer::open(&dir, None, limits(64 << 20, WhenFull::Reject, 10), metrics.clone()).unwrap();
+        assert!(!stray.exists(), "a file without a record is deleted");
+        assert_eq!((b.counts().sealed_batches, b.counts().sealed_events), (2, 20));
+        assert_eq!(metrics.discarded.get(&["corrupt"]), 10);
+        assert_eq!(drain_ids(&b).len(), 20);
+        assert_eq!(
+            std::fs::read_dir(dir.join(SEALED_DIR)).unwrap().count(),
+            0,
+            "acked files are deleted"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
