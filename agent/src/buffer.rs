@@ -503,11 +503,13 @@ impl Buffer {
                     .file_stem()
                     .and_then(|s| s.to_str())
                     .and_then(|s| s.parse::<u64>().ok());
-                let is_batch = path.extension().is_some_and(|e| e == "batch");
-                if !is_batch || seq.is_none_or(|n| !known.contains(&n)) {
-                    if path.extension().is_some_and(|e| e == "batch" || e == "tmp") {
-                        let _ = std::fs::remove_file(&path);
-                    }
+                let garbage = match path.extension().and_then(|e| e.to_str()) {
+                    Some("tmp") => true,
+                    Some("batch") => seq.is_none_or(|n| !known.contains(&n)),
+                    _ => false,
+                };
+                if garbage {
+                    let _ = std::fs::remove_file(&path);
                 }
             }
         }
