@@ -12,10 +12,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use keytrail_common::body::{read_capped, BodyError};
 use keytrail_common::event::{self, BodyFormat, Context, IngestDefaults};
 use keytrail_common::fingerprint::Fingerprinter;
 use keytrail_common::time::{now_ns, UnixNanos};
@@ -271,14 +272,17 @@ async fn post_events(api: &Arc<Api>, req: Request<Incoming>) -> Resp {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max) {
+    // Far over the cap: refused unread. Moderately over: read and discarded, so the client
+    // reads the 413 instead of a connection reset.
+    let drain_limit = max.saturating_mul(4);
+    if declared.is_some_and(|n| n > drain_limit) {
         api.metrics.errors.add(&["ingest", "body_too_large"], 1);
         return too_large();
     }
     // Memory stays bounded however many clients post at once: a request holds its share of
     // the in-flight budget (the declared size, or the cap when the size is unknown) while its
     // body is read, parsed and made durable; others wait for room.
-    let kib = (declared.unwrap_or(max).max(1024) / 1024) as u32;
+    let kib = (declared.unwrap_or(max).clamp(1024, max) / 1024) as u32;
     let Ok(_permit) = api.inflight.acquire_many(kib).await else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -286,28 +290,23 @@ async fn post_events(api: &Arc<Api>, req: Request<Incoming>) -> Resp {
             "the agent is shutting down",
         );
     };
-    let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), max as usize).collect()).await;
-    let Ok(read) = read else {
-        api.metrics.errors.add(&["ingest", "body_timeout"], 1);
-        return error(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            "the body did not arrive within 60s",
-        );
-    };
-    let body = match read {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                api.metrics.errors.add(&["ingest", "body_too_large"], 1);
-                return too_large();
-            }
-            api.metrics.errors.add(&["ingest", "body_read_failed"], 1);
+    let body = match read_capped(req.into_body(), max, drain_limit, BODY_TIMEOUT).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge(_)) => {
+            api.metrics.errors.add(&["ingest", "body_too_large"], 1);
+            return too_large();
+        }
+        Err(BodyError::Timeout(_)) => {
+            api.metrics.errors.add(&["ingest", "body_timeout"], 1);
             return error(
-                StatusCode::BAD_REQUEST,
-                "body_read_failed",
-                &format!("reading the body failed: {e}"),
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the body did not arrive within 60s",
             );
+        }
+        Err(e) => {
+            api.metrics.errors.add(&["ingest", "body_read_failed"], 1);
+            return error(StatusCode::BAD_REQUEST, "body_read_failed", &e.to_string());
         }
     };
     let now = now_ns();

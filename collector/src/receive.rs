@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use keytrail_common::body::{read_capped, BodyError};
 use keytrail_common::tls::Reloading;
 use keytrail_common::wire::{self, DecodeLimits};
 use tokio::net::TcpListener;
@@ -157,40 +158,40 @@ async fn receive(
             "a client certificate is required",
         ));
     }
-    let cap = r.limits.max_frame_bytes;
+    let cap = r.limits.max_frame_bytes as u64;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "frame_too_large",
+            format!("body over {cap} bytes"),
+        )
+    };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > cap as u64) {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "frame_too_large",
-            format!("body over {cap} bytes"),
-        ));
+    // A body far beyond the cap is refused without reading it; one moderately over is read
+    // and discarded so the agent sees the 413 (permanent) rather than a reset (retryable).
+    let drain_limit = cap.saturating_mul(4);
+    if declared.is_some_and(|n| n > drain_limit) {
+        return Err(too_large());
     }
-    let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), cap).collect()).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "frame_too_large",
-                format!("body over {cap} bytes"),
-            ))
-        }
-        Ok(Err(e)) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "body_read_failed",
-                format!("reading the body: {e}"),
-            ))
-        }
-        Err(_) => {
+    let body = match read_capped(req.into_body(), cap, drain_limit, BODY_TIMEOUT).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge(_)) => return Err(too_large()),
+        Err(BodyError::Timeout(_)) => {
             return Err(ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "body_timeout",
                 "the body did not arrive in time",
+            ))
+        }
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "body_read_failed",
+                e.to_string(),
             ))
         }
     };

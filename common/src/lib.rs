@@ -1,6 +1,7 @@
 //! keytrail-common: what the agent and the collector share — the event model and its
 //! validation, key fingerprinting, the wire codec, TLS helpers and config value syntaxes.
 
+pub mod body;
 pub mod config;
 pub mod event;
 pub mod fingerprint;

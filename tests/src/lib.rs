@@ -490,9 +490,10 @@ pub fn http(
     }
     req += "\r\n";
     s.write_all(req.as_bytes()).ok()?;
-    s.write_all(body).ok()?;
+    // A server may answer (413) and close before the whole body is sent: still read the answer.
+    let _ = s.write_all(body);
     let mut resp = Vec::new();
-    s.read_to_end(&mut resp).ok()?;
+    let _ = s.read_to_end(&mut resp);
     let text = String::from_utf8_lossy(&resp).into_owned();
     let status: u16 = text.split(' ').nth(1)?.parse().ok()?;
     let body = text
@@ -555,4 +556,35 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
         }
     }
     hits
+}
+
+/// Posts raw bytes to the collector's receive port over TLS as the given agent (certificate
+/// and key from the sandbox PKI), like an agent would; returns status and body.
+pub fn post_batch_as(sb: &Sandbox, collector: &Collector, agent: Option<&str>, body: &[u8]) -> Option<(u16, String)> {
+    keytrail_common::tls::install_crypto_provider();
+    let ca = sb.pki.join("ca.crt");
+    let pair = agent.map(|a| (sb.pki.join(format!("{a}.crt")), sb.pki.join(format!("{a}.key"))));
+    let config =
+        keytrail_common::tls::client_config(&ca, pair.as_ref().map(|(c, k)| (c.as_path(), k.as_path()))).ok()?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").ok()?;
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).ok()?;
+    let tcp = TcpStream::connect_timeout(&collector.receive, Duration::from_secs(5)).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let head = format!(
+        "POST /v1/batches HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/x-keytrail-batch\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).ok()?;
+    let _ = tls.write_all(body);
+    let mut resp = Vec::new();
+    let _ = tls.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status: u16 = text.split(' ').nth(1)?.parse().ok()?;
+    Some((
+        status,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    ))
 }
