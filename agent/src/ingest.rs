@@ -36,8 +36,6 @@ const PARSE_INLINE_BYTES: usize = 256 * 1024;
 const RETRY_AFTER_FULL: &str = "5";
 /// How long a request body may take to arrive in full.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-/// How long an HTTP connection may take to send its request head (slow-loris guard).
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Everything a request handler needs; one per agent, shared.
 pub struct Api {
@@ -109,35 +107,23 @@ impl IngestDefaults for Defaults<'_> {
 }
 
 /// Serves the local API until `shutdown` flips.
-pub async fn serve(listener: TcpListener, api: Arc<Api>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        let _ = stream.set_nodelay(true);
+pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: tokio::sync::watch::Receiver<bool>) {
+    keytrail_common::serve::accept_loop(listener, shutdown, move |stream, peer| {
         let api = Arc::clone(&api);
-        tokio::spawn(async move {
+        async move {
             let service = service_fn(move |req| {
                 let api = Arc::clone(&api);
                 async move { Ok::<_, Infallible>(route(&api, req).await) }
             });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+            if let Err(e) = keytrail_common::serve::http1()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 tracing::debug!(error = %e, %peer, "ingest connection ended with an error");
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 type Resp = Response<Full<Bytes>>;

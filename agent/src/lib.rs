@@ -89,7 +89,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     });
     let server = tokio::spawn(ingest::serve(listener, Arc::clone(&api), stop_rx));
 
-    wait_for_signal().await;
+    keytrail_common::serve::wait_for_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = server.await;
@@ -102,15 +102,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || b.close()).await.ok();
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 /// `keytrail-agent validate`: the config and every file it names.

@@ -71,13 +71,9 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(&e),
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(r) => r,
-                Err(e) => return fail(&format!("starting the runtime: {e}")),
-            };
-            match runtime.block_on(keytrail_agent::run(config)) {
+            match keytrail_common::serve::run_to_completion(keytrail_agent::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&format!("{e:#}")),
+                Err(e) => fail(&e),
             }
         }
         Command::Validate { config } => {

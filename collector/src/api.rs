@@ -20,8 +20,6 @@ use crate::errors::ApiError;
 use crate::store::{EventQuery, Store};
 use crate::telemetry::CollectorMetrics;
 
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 pub struct Api {
     pub store: Arc<Store>,
     pub metrics: Arc<CollectorMetrics>,
@@ -29,21 +27,10 @@ pub struct Api {
     pub token: Option<String>,
 }
 
-pub async fn serve(listener: TcpListener, api: Arc<Api>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
+pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: tokio::sync::watch::Receiver<bool>) {
+    keytrail_common::serve::accept_loop(listener, shutdown, move |tcp, peer| {
         let api = Arc::clone(&api);
-        tokio::spawn(async move {
+        async move {
             let service = service_fn(move |req| {
                 let api = Arc::clone(&api);
                 async move {
@@ -54,15 +41,15 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, mut shutdown: tokio::sy
                     Ok::<_, Infallible>(resp)
                 }
             });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
+            if let Err(e) = keytrail_common::serve::http1()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await
+            {
                 tracing::debug!(%peer, error = %e, "API connection ended with an error");
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 type Resp = Response<Full<Bytes>>;

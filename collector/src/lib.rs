@@ -95,7 +95,7 @@ pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
         }
     });
 
-    wait_for_signal().await;
+    keytrail_common::serve::wait_for_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = recv.await;
@@ -106,13 +106,4 @@ pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || s.close()).await.ok();
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -27,8 +27,6 @@ use crate::telemetry::CollectorMetrics;
 
 /// A TLS handshake must finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The request head must arrive within this (slow-loris guard).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The whole body must arrive within this.
 const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -53,24 +51,13 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<Reloading<rustls::ServerConfig>>,
     receiver: Arc<Receiver>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        let _ = tcp.set_nodelay(true);
+    keytrail_common::serve::accept_loop(listener, shutdown, move |tcp, peer| {
+        // Each connection takes the TLS material current at accept: rotation needs no restart.
         let acceptor = TlsAcceptor::from(tls.current());
         let receiver = Arc::clone(&receiver);
-        tokio::spawn(async move {
+        async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
@@ -107,15 +94,12 @@ pub async fn serve(
                     Ok::<_, Infallible>(resp)
                 }
             });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
+            if let Err(e) = keytrail_common::serve::http1().serve_connection(TokioIo::new(tls), service).await {
                 tracing::debug!(%peer, error = %e, "agent connection ended with an error");
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 fn ok_json(value: serde_json::Value) -> Response<Full<Bytes>> {

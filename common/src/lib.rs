@@ -8,6 +8,7 @@ pub mod fingerprint;
 pub mod logging;
 pub mod pki;
 pub mod prom;
+pub mod serve;
 pub mod time;
 pub mod tls;
 pub mod wire;
