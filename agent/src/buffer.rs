@@ -687,15 +687,17 @@ impl Buffer {
             }
             flush_chunk(&mut records, &mut count, &mut st);
         }
-        let result = self.db.apply_batch(batch).and_then(|()| self.flush());
-        match result {
+        let applied = self.db.apply_batch(batch);
+        if applied.is_ok() {
+            // In sled's memory now, flushed or not: count it, so the counters match what
+            // recovery or the sealer will find.
+            let mut st = self.state.lock().expect("buffer state");
+            st.counts.pending_events += added_events;
+            st.counts.pending_bytes += added_bytes;
+        }
+        match applied.and_then(|()| self.flush()) {
             Ok(()) => {
                 self.writable.store(true, Ordering::Relaxed);
-                {
-                    let mut st = self.state.lock().expect("buffer state");
-                    st.counts.pending_events += added_events;
-                    st.counts.pending_bytes += added_bytes;
-                }
                 self.publish_gauges();
                 for a in accepted {
                     let _ = a.reply.send(Ok(()));
@@ -703,8 +705,9 @@ impl Buffer {
                 self.pending_grew.notify_one();
             }
             Err(e) => {
-                // Nothing was acknowledged; the chunk may or may not be on disk. Counted by
-                // recovery if it is; the clients retry either way.
+                // Nothing is acknowledged. What was applied may still reach disk with a later
+                // flush and be shipped; clients retry, and events with their own `id` are
+                // deduplicated by the collector.
                 self.writable.store(false, Ordering::Relaxed);
                 tracing::error!(error = %e, "buffer write failed: requests answered with an error");
                 self.metrics.errors.add(&["buffer", "write_failed"], 1);
@@ -899,7 +902,9 @@ impl Buffer {
         batch.insert(&key(S, seq), sealed_meta_record(meta));
         batch.insert(META_NEXT_SEQ, &(seq + 1).to_be_bytes());
         self.db.apply_batch(batch)?;
-        self.flush()?;
+        // sled now holds the new state in memory: account for it before flushing, so a failed
+        // flush cannot make the next seal reuse this sequence (and overwrite this file). Only
+        // `durable_seq`, which gates sending, waits for the flush.
         {
             let mut st = self.state.lock().expect("buffer state");
             st.next_seq = seq + 1;
@@ -909,6 +914,7 @@ impl Buffer {
             st.counts.sealed_bytes += sealed_len;
             st.counts.sealed_batches += 1;
         }
+        self.flush()?;
         self.durable_seq.store(seq + 1, Ordering::Release);
         self.publish_gauges();
         self.sealed_ready.notify_one();

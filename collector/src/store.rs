@@ -532,15 +532,20 @@ impl Store {
         }
         w.insert(b"m.next_store_seq" as &[u8], &seq.to_be_bytes());
         self.db.apply_batch(w)?;
+        // sled holds the group in memory now: advance the in-memory mirror before flushing, so
+        // a failed flush cannot make the next group reuse store sequences or write counters
+        // that go backwards. The agents only get their 200 after the flush.
+        self.next_store_seq.store(seq, Ordering::Relaxed);
+        {
+            let mut t = self.totals.lock().expect("totals");
+            t.counters = counters;
+            for (a, events) in agents {
+                t.agents.insert(a, (now, events));
+            }
+        }
         self.db.flush()?;
         if let Some(f) = &self.log_file {
             f.sync_data()?;
-        }
-        self.next_store_seq.store(seq, Ordering::Relaxed);
-        let mut t = self.totals.lock().expect("totals");
-        t.counters = counters;
-        for (a, events) in agents {
-            t.agents.insert(a, (now, events));
         }
         Ok(outcomes)
     }
