@@ -755,19 +755,14 @@ impl Buffer {
             if key_num(&k) == in_flight {
                 continue;
             }
-            let meta = parse_sealed_meta(&v);
-            let count = meta.map_or(0, |m| m.count);
+            let count = parse_sealed_meta(&v).map_or(0, |m| m.count);
             // The record goes first and durably, so a crash never leaves a record whose file
             // is gone (which recovery would report as corruption).
             self.db.remove(&k)?;
+            self.forget_sealed(count as u64, &v);
+            self.metrics.discarded.add(&["drop_oldest"], count as u64);
             self.flush()?;
             let _ = std::fs::remove_file(self.sealed_path(key_num(&k)));
-            let mut st = self.state.lock().expect("buffer state");
-            st.counts.sealed_events = st.counts.sealed_events.saturating_sub(count as u64);
-            st.counts.sealed_bytes = st.counts.sealed_bytes.saturating_sub(meta.map_or(0, |m| m.file_len));
-            st.counts.sealed_batches = st.counts.sealed_batches.saturating_sub(1);
-            drop(st);
-            self.metrics.discarded.add(&["drop_oldest"], count as u64);
             tracing::warn!(
                 seq = key_num(&k),
                 events = count,
@@ -949,18 +944,22 @@ impl Buffer {
                 }
                 None => {
                     // Missing or damaged file: moved aside, its events counted as dropped.
-                    let meta = parse_sealed_meta(&v);
+                    let events = parse_sealed_meta(&v).map_or(0, |m| m.count as u64);
                     self.quarantine(&k, &v)?;
-                    let mut st = self.state.lock().expect("buffer state");
-                    st.counts.sealed_batches = st.counts.sealed_batches.saturating_sub(1);
-                    st.counts.sealed_events = st
-                        .counts
-                        .sealed_events
-                        .saturating_sub(meta.map_or(0, |m| m.count as u64));
-                    st.counts.sealed_bytes = st.counts.sealed_bytes.saturating_sub(meta.map_or(0, |m| m.file_len));
+                    self.forget_sealed(events, &v);
                 }
             }
         }
+    }
+
+    /// Takes a sealed batch out of the counters; called as soon as its record is gone from
+    /// sled (before the flush), so the counters always match sled's state.
+    fn forget_sealed(&self, events: u64, record: &[u8]) {
+        let file_len = parse_sealed_meta(record).map_or(0, |m| m.file_len);
+        let mut st = self.state.lock().expect("buffer state");
+        st.counts.sealed_events = st.counts.sealed_events.saturating_sub(events);
+        st.counts.sealed_bytes = st.counts.sealed_bytes.saturating_sub(file_len);
+        st.counts.sealed_batches = st.counts.sealed_batches.saturating_sub(1);
     }
 
     /// The collector stored the batch: delete it. The record is removed durably before the
@@ -969,13 +968,9 @@ impl Buffer {
         let _layout = self.layout.lock().expect("buffer layout");
         self.in_flight.store(u64::MAX, Ordering::Relaxed);
         if let Some(v) = self.db.remove(key(S, batch.seq.0))? {
+            self.forget_sealed(batch.events as u64, &v);
             self.flush()?;
             let _ = std::fs::remove_file(self.sealed_path(batch.seq.0));
-            let file_len = parse_sealed_meta(&v).map_or(0, |m| m.file_len);
-            let mut st = self.state.lock().expect("buffer state");
-            st.counts.sealed_events = st.counts.sealed_events.saturating_sub(batch.events as u64);
-            st.counts.sealed_bytes = st.counts.sealed_bytes.saturating_sub(file_len);
-            st.counts.sealed_batches = st.counts.sealed_batches.saturating_sub(1);
         }
         drop(_layout);
         self.publish_gauges();
@@ -996,17 +991,14 @@ impl Buffer {
         b.remove(&k);
         b.insert(&key(D, batch.seq.0), dead);
         self.db.apply_batch(b)?;
-        self.flush()?;
-        let _ = std::fs::remove_file(self.sealed_path(batch.seq.0));
+        self.forget_sealed(batch.events as u64, &v);
         {
-            let file_len = parse_sealed_meta(&v).map_or(0, |m| m.file_len);
             let mut st = self.state.lock().expect("buffer state");
-            st.counts.sealed_events = st.counts.sealed_events.saturating_sub(batch.events as u64);
-            st.counts.sealed_bytes = st.counts.sealed_bytes.saturating_sub(file_len);
-            st.counts.sealed_batches = st.counts.sealed_batches.saturating_sub(1);
             st.counts.dead_batches += 1;
             st.counts.dead_bytes += dead_len;
         }
+        self.flush()?;
+        let _ = std::fs::remove_file(self.sealed_path(batch.seq.0));
         // Dead letters may use a tenth of the cap; the oldest go first.
         while self.counts().dead_bytes > self.limits.max_bytes / 10 {
             let Some(item) = self.db.scan_prefix([D]).next() else {
