@@ -1,4 +1,6 @@
-//! The analyst API (contract §7): `/v1/stats`, `/v1/events`, health, readiness, metrics.
+//! The analyst API (contract §7): `/v1/stats`, `/v1/events`, `/v1/metrics/<name>`,
+//! `/v1/licenses/<license>`, `/v1/churn-risk`, `/v1/upgrade-signals`, health, readiness,
+//! Prometheus metrics.
 //!
 //! Owns: HTTP for analysts, the bearer token check, parameter validation with clear 400s.
 //! Does not own: how anything is stored or computed — it asks the store.
@@ -16,6 +18,7 @@ use keytrail_common::event::EventType;
 use keytrail_common::time::{parse_date_ns, parse_rfc3339_ns, NANOS_PER_DAY};
 use tokio::net::TcpListener;
 
+use crate::analytics::{output, Dim, Metric, MetricQuery};
 use crate::errors::ApiError;
 use crate::store::{EventQuery, Store};
 use crate::telemetry::CollectorMetrics;
@@ -122,6 +125,23 @@ async fn route(api: &Api, req: Request<Incoming>) -> Result<Resp, ApiError> {
             .expect("valid response")),
         "/v1/stats" => Ok(json(&stats(&api.store))),
         "/v1/events" => events(api, &query),
+        "/v1/churn-risk" => metric(api, Metric::ChurnRisk, &query).await,
+        "/v1/upgrade-signals" => metric(api, Metric::UpgradeSignals, &query).await,
+        p if p.starts_with("/v1/metrics/") => {
+            let name = &p["/v1/metrics/".len()..];
+            let m = Metric::parse(name)
+                .filter(|m| !matches!(m, Metric::ChurnRisk | Metric::UpgradeSignals))
+                .ok_or_else(|| {
+                    let known: Vec<&str> = Metric::ALL[..13].iter().map(|m| m.name()).collect();
+                    ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "unknown_metric",
+                        format!("no metric {name:?}; known: {}", known.join(", ")),
+                    )
+                })?;
+            metric(api, m, &query).await
+        }
+        p if p.starts_with("/v1/licenses/") => license(api, &p["/v1/licenses/".len()..], &query).await,
         "/" => Ok(Response::builder()
             .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
             .body(Full::new(Bytes::from(index_page(&api.store))))
@@ -290,6 +310,158 @@ fn events(api: &Api, q: &[(String, String)]) -> Result<Resp, ApiError> {
         "events": events,
         "next_cursor": page.next_cursor.map(encode_cursor),
     })))
+}
+
+fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, code, message)
+}
+
+/// The longest window a metric answers, in days.
+pub const MAX_WINDOW_DAYS: i32 = 3660;
+
+/// `at`: an RFC 3339 instant; default now.
+fn parse_at(q: &[(String, String)]) -> Result<i64, ApiError> {
+    match get(q, "at") {
+        None => Ok(keytrail_common::time::now_ns()),
+        Some(v) => parse_rfc3339_ns(v).ok_or_else(|| {
+            bad(
+                "invalid_at",
+                format!("at {v:?}: use an RFC 3339 instant such as 2026-11-01T00:00:00Z"),
+            )
+        }),
+    }
+}
+
+fn parse_day(q: &[(String, String)], name: &'static str, code: &'static str) -> Result<Option<i32>, ApiError> {
+    get(q, name)
+        .map(|v| {
+            parse_date_ns(v)
+                .map(|ns| ns.div_euclid(NANOS_PER_DAY) as i32)
+                .ok_or_else(|| bad(code, format!("{name} {v:?}: use a UTC date YYYY-MM-DD")))
+        })
+        .transpose()
+}
+
+/// Resolves and validates the parameters of a metric (docs/metrics.md "Asking").
+pub fn metric_query(metric: Metric, q: &[(String, String)]) -> Result<MetricQuery, ApiError> {
+    let allowed: &[&str] = match metric {
+        Metric::ChurnRisk => &["at", "below", "format"],
+        Metric::UpgradeSignals => &["at", "format"],
+        _ => &["from", "to", "by", "at", "format"],
+    };
+    if let Some((k, _)) = q.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+        return Err(bad(
+            "unknown_parameter",
+            format!("unknown parameter {k:?} for {}; accepted: {}", metric.name(), allowed.join(", ")),
+        ));
+    }
+    let at = parse_at(q)?;
+    let to_day = parse_day(q, "to", "invalid_to")?.unwrap_or(at.div_euclid(NANOS_PER_DAY) as i32);
+    let from_day = parse_day(q, "from", "invalid_from")?.unwrap_or(to_day - 29);
+    if from_day > to_day {
+        return Err(bad("invalid_range", "from must not be after to"));
+    }
+    if to_day - from_day >= MAX_WINDOW_DAYS {
+        return Err(bad(
+            "window_too_long",
+            format!("the window from..to is longer than {MAX_WINDOW_DAYS} days"),
+        ));
+    }
+    let by = match get(q, "by") {
+        None => None,
+        Some(_) if !metric.takes_by() => {
+            return Err(bad("by_not_accepted", format!("{} takes no \"by\"", metric.name())));
+        }
+        Some(v) => Some(Dim::parse(v).ok_or_else(|| {
+            let dims: Vec<&str> = Dim::ALL.iter().map(|d| d.as_str()).collect();
+            bad("invalid_by", format!("by {v:?}: use one of {}", dims.join(", ")))
+        })?),
+    };
+    let below = match get(q, "below") {
+        None => 50.0,
+        Some(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|b| b.is_finite())
+            .ok_or_else(|| bad("invalid_below", format!("below {v:?}: use a number such as 50")))?,
+    };
+    Ok(MetricQuery {
+        metric,
+        from_day,
+        to_day,
+        at,
+        by,
+        below,
+    })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Format {
+    Json,
+    Csv,
+}
+
+fn parse_format(q: &[(String, String)]) -> Result<Format, ApiError> {
+    match get(q, "format") {
+        None | Some("json") => Ok(Format::Json),
+        Some("csv") => Ok(Format::Csv),
+        Some(v) => Err(bad("invalid_format", format!("format {v:?}: use json or csv"))),
+    }
+}
+
+async fn metric(api: &Api, metric: Metric, q: &[(String, String)]) -> Result<Resp, ApiError> {
+    let format = parse_format(q)?;
+    let mq = metric_query(metric, q)?;
+    let store = Arc::clone(&api.store);
+    let query = mq.clone();
+    let rows = tokio::task::spawn_blocking(move || store.metric(&query))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| bad("by_not_accepted", e.to_string()))?;
+    if format == Format::Csv {
+        return Ok(Response::builder()
+            .header(header::CONTENT_TYPE, "text/csv; charset=utf-8")
+            .body(Full::new(Bytes::from(output::to_csv(&rows, &metric.columns(mq.by)))))
+            .expect("valid response"));
+    }
+    let at = keytrail_common::time::format_rfc3339(mq.at);
+    let body = match metric {
+        Metric::ChurnRisk | Metric::UpgradeSignals => serde_json::json!({"at": at, "rows": rows}),
+        _ => serde_json::to_value(output::Answer {
+            metric: metric.name(),
+            from: keytrail_common::time::format_date(mq.from_day as i64 * NANOS_PER_DAY),
+            to: keytrail_common::time::format_date(mq.to_day as i64 * NANOS_PER_DAY),
+            at,
+            by: mq.by.map(Dim::as_str),
+            rows,
+        })
+        .expect("serializable"),
+    };
+    Ok(json(&body))
+}
+
+async fn license(api: &Api, raw_name: &str, q: &[(String, String)]) -> Result<Resp, ApiError> {
+    let name = percent_decode(raw_name)?;
+    if name.is_empty() || name.len() > keytrail_common::event::MAX_LICENSE_LEN.max(64) {
+        return Err(bad("invalid_license", "the license id is empty or too long"));
+    }
+    if let Some((k, _)) = q.iter().find(|(k, _)| k != "at") {
+        return Err(bad("unknown_parameter", format!("unknown parameter {k:?}; accepted: at")));
+    }
+    let at = parse_at(q)?;
+    let store = Arc::clone(&api.store);
+    let n = name.clone();
+    let detail = tokio::task::spawn_blocking(move || store.license(&n, at))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    match detail {
+        Some(v) => Ok(json(&v)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_license",
+            format!("no events were stored for license {name:?}"),
+        )),
+    }
 }
 
 fn encode_cursor((t, seq): (i64, u64)) -> String {

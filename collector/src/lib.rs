@@ -3,7 +3,9 @@
 //! only sled user) → `api` (analyst routes). `errors` is the one status-code table; `config`
 //! parses contract §3; `telemetry` holds the counters.
 
+pub mod analytics;
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod dedup;
 pub mod errors;
@@ -18,7 +20,7 @@ use anyhow::Context as _;
 use keytrail_common::wire::DecodeLimits;
 
 use crate::config::CollectorConfig;
-use crate::store::Store;
+use crate::store::{Store, StoreOptions};
 use crate::telemetry::CollectorMetrics;
 
 /// How often retention runs (and once shortly after start).
@@ -38,13 +40,14 @@ pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
         keytrail_common::tls::server_config(&cert, &key, ca.as_deref())
     })
     .map_err(anyhow::Error::msg)?;
-    let (dir, cache, dedup, raw) = (
-        config.data_dir.clone(),
-        config.cache_bytes,
-        config.dedup_window,
-        config.raw_events,
-    );
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir, cache, dedup, raw)).await??;
+    let dir = config.data_dir.clone();
+    let options = StoreOptions {
+        cache_bytes: config.cache_bytes,
+        dedup_window: config.dedup_window,
+        raw_events: config.raw_events,
+        plans: config.plans.clone(),
+    };
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir, options)).await??;
     let writer = store.start_writer();
     let metrics = Arc::new(CollectorMetrics::default());
     let recv_listener = tokio::net::TcpListener::bind(config.receive_listen)

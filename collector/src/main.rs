@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use keytrail_collector::cli::{OutputFormat, QueryArgs};
 use keytrail_collector::config::{CollectorConfig, Overrides};
 use keytrail_common::logging::{self, LogFormat};
 
@@ -49,6 +50,36 @@ enum Command {
         #[arg(long = "agent")]
         agents: Vec<String>,
     },
+    /// Ask a running collector for a metric (docs/metrics.md) and print it.
+    Query {
+        /// activation-rate, daily-active-validations, validation-failures, utilization,
+        /// time-to-first-validation, renewal-rate, time-to-upgrade, time-to-expiration,
+        /// active-users, feature-usage, geo, health, mrr, churn-risk or upgrade-signals.
+        metric: String,
+        /// First day of the window, YYYY-MM-DD (UTC, inclusive; default: to - 29 days).
+        #[arg(long)]
+        from: Option<String>,
+        /// Last day of the window, YYYY-MM-DD (UTC, inclusive; default: the day of --at).
+        #[arg(long)]
+        to: Option<String>,
+        /// Group by plan, product, customer, region, country or deployment.
+        #[arg(long)]
+        by: Option<String>,
+        /// Instant of evaluation for as-of metrics, RFC 3339 (default: now).
+        #[arg(long)]
+        at: Option<String>,
+        /// churn-risk: list licenses with a health score below this (default 50).
+        #[arg(long)]
+        below: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+        /// The collector's analyst API.
+        #[arg(long, default_value = "http://127.0.0.1:7444")]
+        api: String,
+        /// Bearer token (default: $KEYTRAIL_API_TOKEN; prefer it: arguments are visible in ps).
+        #[arg(long)]
+        token: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -88,6 +119,40 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
+        Command::Query {
+            metric,
+            from,
+            to,
+            by,
+            at,
+            below,
+            format,
+            api,
+            token,
+        } => {
+            let args = QueryArgs {
+                metric,
+                from,
+                to,
+                by,
+                at,
+                below,
+                format,
+                api,
+                token: token.or_else(|| std::env::var("KEYTRAIL_API_TOKEN").ok().filter(|t| !t.is_empty())),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime");
+            match rt.block_on(keytrail_collector::cli::run(args)) {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
     }
 }
 

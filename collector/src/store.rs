@@ -21,6 +21,7 @@
 //! | `a` ‖ agent | last_seen ‖ events u64: per-agent stats |
 //! | `c.<name>` | u64: counters of `/v1/stats` |
 //! | `m.next_store_seq` | u64 |
+//! | `x…` | analytics records: per-license state, per-day cells, variants ([`crate::analytics`]) |
 //!
 //! # Rules
 //!
@@ -30,6 +31,9 @@
 //!   The same key with a different checksum means an agent lost its database and reused a
 //!   sequence: its events go through the per-event check instead (logged).
 //! * An event whose id is in `i` is a duplicate: counted, not stored.
+//! * Analytics are applied for exactly the events stored (never a duplicate), and their
+//!   changed records join the group's atomic batch: rollups never disagree with the events.
+//!   If the batch cannot be applied, the in-memory analytics are reloaded from sled.
 //! * Retention: `e`/`l` entries older than `retention.raw_events` (by event time) and
 //!   `i`/`b` entries stored longer ago than `retention.dedup_window` are deleted by a
 //!   background purge. Counters are never decremented by retention.
@@ -46,7 +50,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bincode::{Decode, Encode};
@@ -55,6 +59,8 @@ use keytrail_common::time::{now_ns, UnixNanos};
 use keytrail_common::wire::BatchSeq;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::analytics::{self, Analytics, MetricQuery, QueryError, Row};
+use crate::config::Plan;
 use crate::dedup;
 
 const RECORD_VERSION: u8 = 1;
@@ -80,6 +86,8 @@ pub enum StoreError {
     Write(String),
     #[error("the store is shutting down")]
     Closed,
+    #[error(transparent)]
+    Analytics(#[from] analytics::RecordError),
 }
 
 /// A decoded batch, with who sent it.
@@ -320,15 +328,36 @@ pub struct Store {
     writable: AtomicBool,
     dedup_window: Duration,
     raw_events: Duration,
+    analytics: RwLock<Analytics>,
+}
+
+/// What [`Store::open`] needs besides the directory.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub cache_bytes: u64,
+    pub dedup_window: Duration,
+    pub raw_events: Duration,
+    /// The plan catalog, for MRR and utilization limits.
+    pub plans: BTreeMap<String, Plan>,
+}
+
+fn load_analytics(db: &sled::Db, plans: BTreeMap<String, Plan>) -> Result<Analytics, StoreError> {
+    let mut records = Vec::new();
+    for item in db.scan_prefix(analytics::KEY_PREFIX) {
+        let (k, v) = item?;
+        records.push((k.to_vec(), v.to_vec()));
+    }
+    Ok(Analytics::load(plans, records.into_iter())?)
 }
 
 impl Store {
-    pub fn open(
-        dir: &Path,
-        cache_bytes: u64,
-        dedup_window: Duration,
-        raw_events: Duration,
-    ) -> Result<Arc<Store>, StoreError> {
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<Arc<Store>, StoreError> {
+        let StoreOptions {
+            cache_bytes,
+            dedup_window,
+            raw_events,
+            plans,
+        } = options;
         let err = |message: String| StoreError::Open {
             path: dir.display().to_string(),
             message,
@@ -359,6 +388,7 @@ impl Store {
             }
         }
         let next = db.get(b"m.next_store_seq")?.map_or(0, |v| be_u64(&v));
+        let analytics = load_analytics(&db, plans).map_err(|e| err(e.to_string()))?;
         Ok(Arc::new(Store {
             db,
             log_file,
@@ -367,7 +397,24 @@ impl Store {
             writable: AtomicBool::new(true),
             dedup_window,
             raw_events,
+            analytics: RwLock::new(analytics),
         }))
+    }
+
+    /// Answers a metric from the rollups.
+    pub fn metric(&self, q: &MetricQuery) -> Result<Vec<Row>, QueryError> {
+        self.analytics.read().expect("analytics lock").query(q)
+    }
+
+    /// `GET /v1/licenses/<license>`; `None` for a license never seen.
+    pub fn license(&self, name: &str, at: i64) -> Option<serde_json::Value> {
+        self.analytics.read().expect("analytics lock").license_detail(name, at)
+    }
+
+    /// (licenses, cells) held by the analytics.
+    pub fn analytics_size(&self) -> (usize, usize) {
+        let a = self.analytics.read().expect("analytics lock");
+        (a.license_count(), a.cell_count())
     }
 
     pub fn is_writable(&self) -> bool {
@@ -446,6 +493,7 @@ impl Store {
         let mut delta = [0u64; 5];
         let mut agent_delta: BTreeMap<&str, u64> = BTreeMap::new();
         let mut seq = self.next_store_seq.load(Ordering::Relaxed);
+        let mut stored: Vec<(&Event, u64)> = Vec::new();
         for job in jobs {
             let b = &job.batch;
             let n = b.events.len() as u64;
@@ -489,6 +537,7 @@ impl Store {
                 iv.extend_from_slice(&e.time.to_be_bytes());
                 iv.extend_from_slice(&seq.to_be_bytes());
                 w.insert(id_key(&e.id), iv);
+                stored.push((e, seq));
                 seq += 1;
             }
             let mut bv = Vec::with_capacity(16);
@@ -531,7 +580,28 @@ impl Store {
             w.insert(k, v);
         }
         w.insert(b"m.next_store_seq" as &[u8], &seq.to_be_bytes());
-        self.db.apply_batch(w)?;
+        {
+            let mut a = self.analytics.write().expect("analytics lock");
+            for (i, (e, seq)) in stored.iter().enumerate() {
+                let history = StoredHistory {
+                    store: self,
+                    pending: &stored[..i],
+                };
+                a.apply(e, *seq, &history);
+            }
+            for (k, v) in a.take_dirty() {
+                w.insert(k, v);
+            }
+        }
+        if let Err(e) = self.db.apply_batch(w) {
+            // The in-memory analytics already hold this group: go back to what sled holds.
+            let plans = self.analytics.read().expect("analytics lock").catalog().clone();
+            match load_analytics(&self.db, plans) {
+                Ok(a) => *self.analytics.write().expect("analytics lock") = a,
+                Err(le) => tracing::error!(error = %le, "reloading analytics after a failed write failed"),
+            }
+            return Err(e);
+        }
         // sled holds the group in memory now: advance the in-memory mirror before flushing, so
         // a failed flush cannot make the next group reuse store sequences or write counters
         // that go backwards. The agents only get their 200 after the flush.
@@ -672,6 +742,45 @@ impl Store {
     }
 }
 
+/// A late event's successor, from the raw events and the group being applied
+/// ([`analytics::History`]).
+struct StoredHistory<'a> {
+    store: &'a Store,
+    /// The group's events applied so far (not yet in sled).
+    pending: &'a [(&'a Event, u64)],
+}
+
+impl analytics::History for StoredHistory<'_> {
+    fn next_after(&self, license: &str, after: UnixNanos, carries: &dyn Fn(&Event) -> bool) -> Option<(u64, Event)> {
+        let mut best: Option<(u64, Event)> = self
+            .pending
+            .iter()
+            .filter(|(e, _)| e.license.as_deref() == Some(license) && e.time > after && carries(e))
+            .min_by_key(|(e, s)| (e.time, *s))
+            .map(|(e, s)| (*s, (*e).clone()));
+        if after == i64::MAX {
+            return best;
+        }
+        let start = license_key(license, after + 1, 0);
+        let end = license_key(license, best.as_ref().map_or(i64::MAX, |b| b.1.time), u64::MAX);
+        for item in self.store.db.range(start..=end) {
+            let Ok((k, _)) = item else { break };
+            let rest = &k[k.len() - 16..];
+            let (t, seq) = (time_from_key(&rest[..8]), be_u64(&rest[8..16]));
+            let Ok(Some(v)) = self.store.db.get(event_key(t, seq)) else {
+                continue;
+            };
+            if let Some(e) = decode_event(&v).filter(|e| carries(e)) {
+                if best.as_ref().is_none_or(|b| (t, seq) < (b.1.time, b.0)) {
+                    best = Some((seq, e));
+                }
+                break;
+            }
+        }
+        best
+    }
+}
+
 struct Job {
     batch: IncomingBatch,
     reply: oneshot::Sender<Result<IngestOutcome, StoreError>>,
@@ -725,11 +834,20 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(86400);
 
+    fn opts() -> StoreOptions {
+        StoreOptions {
+            cache_bytes: 1 << 20,
+            dedup_window: DAY,
+            raw_events: DAY,
+            plans: BTreeMap::new(),
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dedups_batches_and_ids_and_counts_survive_reopen() {
         let dir = tmp("dedup");
         {
-            let s = Store::open(&dir, 1 << 20, DAY, DAY).unwrap();
+            let s = Store::open(&dir, opts()).unwrap();
             let w = s.start_writer();
             let o = w
                 .ingest(batch(1, 7, vec![ev("x", "l1", 10), ev("y", "l1", 20)]))
@@ -757,7 +875,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        let s = Store::open(&dir, 1 << 20, DAY, DAY).unwrap();
+        let s = Store::open(&dir, opts()).unwrap();
         let c: BTreeMap<_, _> = s.counters().into_iter().collect();
         assert_eq!(c["events_received"], 8);
         assert_eq!(c["events_stored"], 4);
@@ -771,7 +889,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn events_query_filters_and_pages_newest_first() {
         let dir = tmp("query");
-        let s = Store::open(&dir, 1 << 20, DAY, DAY).unwrap();
+        let s = Store::open(&dir, opts()).unwrap();
         let w = s.start_writer();
         let events: Vec<Event> = (0..25)
             .map(|i| ev(&format!("e{i}"), if i % 2 == 0 { "even" } else { "odd" }, -5 + i))
@@ -815,7 +933,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn retention_purges_old_events_and_dedup_keys() {
         let dir = tmp("purge");
-        let s = Store::open(&dir, 1 << 20, DAY, DAY).unwrap();
+        let s = Store::open(&dir, opts()).unwrap();
         let w = s.start_writer();
         let now = now_ns();
         w.ingest(batch(

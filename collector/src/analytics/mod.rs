@@ -1,0 +1,584 @@
+//! Analytics: the metrics of `docs/metrics.md`, kept current as batches are stored.
+//!
+//! Owns: the per-license state and the per-day rollups every metric is answered from, their
+//! update from newly stored events, their persistence records, and the metric queries.
+//! Does not own: storage (the store persists the records this module hands it, in the same
+//! atomic batch as the events, and feeds it back on open), HTTP, parameter parsing.
+//!
+//! # State
+//!
+//! * **Per license** ([`License`]): issued-at, first activation, first valid validation, first
+//!   upgrade, first event; and [`Timeline`]s — the value as it changed over time — of status,
+//!   `expires_at`, each dimension, each reported usage figure, each activation value (user,
+//!   domain, machine), the support and payment state; renewal/expiry events. A timeline
+//!   answers "latest value up to t" for any t, so every as-of metric is exact for any `at`.
+//! * **Per (day, license, variant)** ([`Cell`]): validations by result, feature checks by
+//!   feature and result, distinct users, and the sorted times of the events the as-of windows
+//!   count (valid validations, `rate_limited` validations, `feature_denied` checks,
+//!   `limit_exceeded` events) — sub-day windows such as `(at − 7d, at]` are exact. The
+//!   *variant* is the event's own dimension values, so metrics over events group an event by
+//!   its own value where it has one.
+//!
+//! Applying an event touches one license and at most one cell; a duplicate never reaches this
+//! module (the store applies only the events dedup found new). The order of arrival does not
+//! matter: every piece of state is order-independent (minimums, counts, sorted lists,
+//! timelines keyed by (time, store sequence)), so a late event lands where its time puts it.
+//!
+//! # Persistence
+//!
+//! [`Analytics::take_dirty`] hands the store one record per license, cell and variant touched
+//! since the last call; the store writes them in the group's atomic batch. Keys:
+//! `xl ‖ license u32` → license, `xc ‖ license u32 ‖ day ‖ variant u32` → cell,
+//! `xv ‖ variant u32` → variant. Values: version byte ‖ crc32 ‖ bincode.
+
+pub mod output;
+mod query;
+mod timeline;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use bincode::{Decode, Encode};
+use keytrail_common::event::{Event, EventType, ResultCode};
+use keytrail_common::time::{UnixNanos, NANOS_PER_DAY};
+
+pub use output::{Answer, Row};
+pub use query::{Dim, Metric, MetricQuery, QueryError};
+pub use timeline::{Inserted, Timeline};
+
+use crate::config::Plan;
+
+const RECORD_VERSION: u8 = 1;
+const BINCODE: bincode::config::Configuration = bincode::config::standard();
+
+/// The UTC day of an instant, as days since 1970-01-01.
+pub fn day_of(t: UnixNanos) -> i32 {
+    t.div_euclid(NANOS_PER_DAY) as i32
+}
+
+/// Status from the status events (metrics.md "Status at t"); `unknown` is the absence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum Status {
+    Active,
+    Suspended,
+    Revoked,
+    Expired,
+}
+
+impl Status {
+    pub fn as_str(s: Option<Status>) -> &'static str {
+        match s {
+            None => "unknown",
+            Some(Status::Active) => "active",
+            Some(Status::Suspended) => "suspended",
+            Some(Status::Revoked) => "revoked",
+            Some(Status::Expired) => "expired",
+        }
+    }
+}
+
+/// Usage figures in [`License::usage`]: `[r_used, r_limit]` for r in seats, domains, machines.
+pub const RESOURCES: [&str; 3] = ["seats", "domains", "machines"];
+
+/// Everything known about one license except its cells.
+#[derive(Clone, Debug, Default, Encode, Decode)]
+pub struct License {
+    pub name: String,
+    pub first_event: i64,
+    pub last_event: i64,
+    pub issued_at: Option<i64>,
+    /// Earliest `license.activated` (valid) or valid validation.
+    pub first_activation: Option<i64>,
+    pub first_valid_validation: Option<i64>,
+    pub first_upgrade: Option<i64>,
+    pub status: Timeline<Status>,
+    pub expires: Timeline<i64>,
+    /// Indexed by [`Dim`] as usize.
+    pub dims: [Timeline<String>; 6],
+    /// `[seats_used, seats_limit, domains_used, domains_limit, machines_used, machines_limit]`.
+    pub usage: [Timeline<u64>; 6],
+    /// Per resource (seats: users, domains, machines): value → activated?
+    pub activations: [BTreeMap<String, Timeline<bool>>; 3],
+    /// `(time, store_seq, renewed?)` of every `license.renewed` (true) / `license.expired`
+    /// (false) event, sorted.
+    pub renewals: Vec<(i64, u64, bool)>,
+    pub support_open: Timeline<bool>,
+    pub payment_failed: Timeline<bool>,
+    /// Events stored for this license, by event type tag.
+    pub event_counts: Vec<u64>,
+}
+
+/// One day of one license, for events whose own dimensions are one variant.
+#[derive(Clone, Debug, Default, Encode, Decode, PartialEq)]
+pub struct Cell {
+    /// `license.validated` events by result tag.
+    pub results: [u32; 12],
+    /// Sorted times of valid validations.
+    pub valid: Vec<i64>,
+    /// Sorted times of validations with result `rate_limited`.
+    pub rate_limited: Vec<i64>,
+    /// Sorted times of events of any type with result `limit_exceeded`.
+    pub limit_exceeded: Vec<i64>,
+    /// Sorted times of `feature.checked` events with result `feature_denied`.
+    pub denied: Vec<i64>,
+    /// Feature (missing: `unknown`) → `[checks, granted, denied]`, sorted by feature.
+    pub features: Vec<(String, [u32; 3])>,
+    /// Sorted distinct users seen on valid validations and feature checks.
+    pub users: Vec<String>,
+}
+
+/// An event's own dimension values, indexed by [`Dim`] as usize.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Encode, Decode)]
+pub struct Variant(pub [Option<String>; 6]);
+
+/// Where a late event's successor is found: the events already applied, by license and time.
+/// The store answers from its raw events (and the events of the group being applied).
+pub trait History {
+    /// The earliest applied event of `license` with a time after `after` for which `carries`
+    /// holds, with its store sequence.
+    fn next_after(&self, license: &str, after: UnixNanos, carries: &dyn Fn(&Event) -> bool) -> Option<(u64, Event)>;
+}
+
+/// No history: for state built strictly in time order (and tests that know it is).
+pub struct NoHistory;
+
+impl History for NoHistory {
+    fn next_after(&self, _: &str, _: UnixNanos, _: &dyn Fn(&Event) -> bool) -> Option<(u64, Event)> {
+        None
+    }
+}
+
+fn own_dim(e: &Event, i: usize) -> Option<&str> {
+    match i {
+        0 => e.plan.as_deref(),
+        1 => e.product.as_deref(),
+        2 => e.customer.as_deref(),
+        3 => e.region.as_deref(),
+        4 => e.country.as_deref(),
+        _ => e.deployment.map(|d| d.as_str()),
+    }
+}
+
+fn usage_of(e: &Event, i: usize) -> Option<u64> {
+    let u = &e.usage;
+    [
+        u.seats_used,
+        u.seats_limit,
+        u.domains_used,
+        u.domains_limit,
+        u.machines_used,
+        u.machines_limit,
+    ][i]
+}
+
+fn status_of(e: &Event) -> Option<Status> {
+    use EventType as T;
+    match e.event_type {
+        T::Issued | T::Renewed | T::Reinstated | T::Upgraded | T::Downgraded => Some(Status::Active),
+        T::Suspended => Some(Status::Suspended),
+        T::Revoked => Some(Status::Revoked),
+        T::Expired => Some(Status::Expired),
+        _ => None,
+    }
+}
+
+/// Whether `e` activates (true) or deactivates (false) `value` of resource `r`.
+fn activation_of(e: &Event, r: usize, value: &str) -> Option<bool> {
+    let on = match e.event_type {
+        EventType::Activated => true,
+        EventType::Deactivated => false,
+        _ => return None,
+    };
+    if e.result != ResultCode::Valid {
+        return None;
+    }
+    let v = [&e.user, &e.domain, &e.machine][r].as_deref()?;
+    (v == value).then_some(on)
+}
+
+fn support_of(e: &Event) -> Option<bool> {
+    match e.event_type {
+        EventType::SupportTicketOpened => Some(true),
+        EventType::SupportTicketClosed => Some(false),
+        _ => None,
+    }
+}
+
+fn payment_of(e: &Event) -> Option<bool> {
+    match e.event_type {
+        EventType::PaymentFailed => Some(true),
+        EventType::PaymentSucceeded => Some(false),
+        _ => None,
+    }
+}
+
+/// Inserts into a timeline, looking a late event's successor up with `field`.
+fn record<V: PartialEq>(
+    tl: &mut Timeline<V>,
+    e: &Event,
+    seq: u64,
+    value: V,
+    history: &dyn History,
+    field: impl Fn(&Event) -> Option<V>,
+) -> Inserted {
+    let license = e.license.as_deref().unwrap_or_default();
+    tl.insert(e.time, seq, value, || {
+        let (s, n) = history.next_after(license, e.time, &|x| field(x).is_some())?;
+        Some((n.time, s, field(&n)?))
+    })
+}
+
+fn insert_sorted(v: &mut Vec<i64>, t: i64) {
+    let pos = v.partition_point(|x| *x <= t);
+    v.insert(pos, t);
+}
+
+fn min_opt(a: &mut Option<i64>, t: i64) {
+    *a = Some(a.map_or(t, |x| x.min(t)));
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("analytics record {key}: {message}")]
+pub struct RecordError {
+    pub key: String,
+    pub message: String,
+}
+
+fn encode_record<T: Encode>(value: &T) -> Vec<u8> {
+    let body = bincode::encode_to_vec(value, BINCODE).expect("encoding into memory");
+    let mut r = Vec::with_capacity(5 + body.len());
+    r.push(RECORD_VERSION);
+    r.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+    r.extend_from_slice(&body);
+    r
+}
+
+fn decode_record<T: Decode<()>>(key: &[u8], r: &[u8]) -> Result<T, RecordError> {
+    let err = |m: &str| RecordError {
+        key: hex::encode(key),
+        message: m.to_string(),
+    };
+    if r.len() < 5 || r[0] != RECORD_VERSION {
+        return Err(err("unknown record version"));
+    }
+    let body = &r[5..];
+    if crc32fast::hash(body).to_be_bytes() != r[1..5] {
+        return Err(err("checksum mismatch"));
+    }
+    bincode::decode_from_slice(body, BINCODE)
+        .map(|(v, _)| v)
+        .map_err(|e| err(&e.to_string()))
+}
+
+/// Key prefix of every analytics record in the store.
+pub const KEY_PREFIX: &[u8] = b"x";
+
+fn license_key(id: u32) -> Vec<u8> {
+    let mut k = b"xl".to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn cell_key(license: u32, day: i32, variant: u32) -> Vec<u8> {
+    let mut k = b"xc".to_vec();
+    k.extend_from_slice(&license.to_be_bytes());
+    k.extend_from_slice(&((day as u32) ^ (1 << 31)).to_be_bytes());
+    k.extend_from_slice(&variant.to_be_bytes());
+    k
+}
+
+fn variant_key(id: u32) -> Vec<u8> {
+    let mut k = b"xv".to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The in-memory analytics state. One writer (the store's writer thread) applies events;
+/// queries read it under the store's read lock.
+#[derive(Default)]
+pub struct Analytics {
+    catalog: BTreeMap<String, Plan>,
+    licenses: Vec<License>,
+    /// Per license: `(day, variant)` → cell.
+    cells: Vec<BTreeMap<(i32, u32), Cell>>,
+    /// License name → id, in name order (the order of every per-license answer).
+    by_name: BTreeMap<String, u32>,
+    variants: Vec<Variant>,
+    variant_ids: HashMap<Variant, u32>,
+    dirty_licenses: BTreeSet<u32>,
+    dirty_cells: BTreeSet<(u32, i32, u32)>,
+    dirty_variants: BTreeSet<u32>,
+    /// Late events whose successor was no longer stored (see [`Inserted::NextUnknown`]).
+    inexact: u64,
+}
+
+impl Analytics {
+    pub fn new(catalog: BTreeMap<String, Plan>) -> Analytics {
+        Analytics {
+            catalog,
+            ..Analytics::default()
+        }
+    }
+
+    pub fn catalog(&self) -> &BTreeMap<String, Plan> {
+        &self.catalog
+    }
+
+    pub fn license_count(&self) -> usize {
+        self.licenses.len()
+    }
+
+    /// Late events placed without their successor (older than raw-event retention); 0 means
+    /// every timeline is exact.
+    pub fn inexact_events(&self) -> u64 {
+        self.inexact
+    }
+
+    pub fn cell_count(&self) -> usize {
+        self.cells.iter().map(BTreeMap::len).sum()
+    }
+
+    fn license_id(&mut self, name: &str, time: i64) -> u32 {
+        if let Some(&id) = self.by_name.get(name) {
+            return id;
+        }
+        let id = self.licenses.len() as u32;
+        self.licenses.push(License {
+            name: name.to_string(),
+            first_event: time,
+            last_event: time,
+            event_counts: vec![0; EventType::ALL.len()],
+            ..License::default()
+        });
+        self.cells.push(BTreeMap::new());
+        self.by_name.insert(name.to_string(), id);
+        id
+    }
+
+    fn variant_id(&mut self, e: &Event) -> u32 {
+        let v = Variant([
+            e.plan.clone(),
+            e.product.clone(),
+            e.customer.clone(),
+            e.region.clone(),
+            e.country.clone(),
+            e.deployment.map(|d| d.as_str().to_string()),
+        ]);
+        if let Some(&id) = self.variant_ids.get(&v) {
+            return id;
+        }
+        let id = self.variants.len() as u32;
+        self.variants.push(v.clone());
+        self.variant_ids.insert(v, id);
+        self.dirty_variants.insert(id);
+        id
+    }
+
+    /// Applies one newly stored event. `seq` is its store sequence (breaks time ties);
+    /// `history` finds a late event's successor.
+    pub fn apply(&mut self, e: &Event, seq: u64, history: &dyn History) {
+        let Some(name) = e.license.as_deref() else {
+            return; // events without a license count for no metric
+        };
+        let t = e.time;
+        let id = self.license_id(name, t);
+        self.dirty_licenses.insert(id);
+        let l = &mut self.licenses[id as usize];
+        l.first_event = l.first_event.min(t);
+        l.last_event = l.last_event.max(t);
+        if let Some(c) = l.event_counts.get_mut(e.event_type.tag() as usize) {
+            *c += 1;
+        }
+        let mut outcomes = Vec::new();
+        for i in 0..6 {
+            if let Some(v) = own_dim(e, i) {
+                outcomes.push(record(&mut l.dims[i], e, seq, v.to_string(), history, |x| {
+                    own_dim(x, i).map(str::to_string)
+                }));
+            }
+            if let Some(v) = usage_of(e, i) {
+                outcomes.push(record(&mut l.usage[i], e, seq, v, history, |x| usage_of(x, i)));
+            }
+        }
+        if let Some(x) = e.expires_at {
+            outcomes.push(record(&mut l.expires, e, seq, x, history, |x| x.expires_at));
+        }
+        if let Some(s) = status_of(e) {
+            outcomes.push(record(&mut l.status, e, seq, s, history, status_of));
+        }
+        let valid = e.result == ResultCode::Valid;
+        use EventType as T;
+        match e.event_type {
+            T::Issued => min_opt(&mut l.issued_at, t),
+            T::Renewed | T::Expired => {
+                let pos = l.renewals.partition_point(|r| (r.0, r.1) < (t, seq));
+                l.renewals.insert(pos, (t, seq, e.event_type == T::Renewed));
+            }
+            T::Upgraded => min_opt(&mut l.first_upgrade, t),
+            T::Activated | T::Deactivated if valid => {
+                let on = e.event_type == T::Activated;
+                if on {
+                    min_opt(&mut l.first_activation, t);
+                }
+                for (r, v) in [&e.user, &e.domain, &e.machine].into_iter().enumerate() {
+                    if let Some(v) = v {
+                        let tl = l.activations[r].entry(v.clone()).or_default();
+                        outcomes.push(record(tl, e, seq, on, history, |x| activation_of(x, r, v)));
+                    }
+                }
+            }
+            T::Validated if valid => {
+                min_opt(&mut l.first_activation, t);
+                min_opt(&mut l.first_valid_validation, t);
+            }
+            T::SupportTicketOpened | T::SupportTicketClosed => {
+                outcomes.push(record(&mut l.support_open, e, seq, support_of(e) == Some(true), history, support_of));
+            }
+            T::PaymentSucceeded | T::PaymentFailed => {
+                outcomes.push(record(&mut l.payment_failed, e, seq, payment_of(e) == Some(true), history, payment_of));
+            }
+            _ => {}
+        }
+        if outcomes.contains(&Inserted::NextUnknown) {
+            self.inexact += 1;
+            tracing::warn!(license = %name, time = t, "a late event's successor is no longer stored (retention): its timeline may be approximate");
+        }
+        let in_cell = matches!(e.event_type, T::Validated | T::FeatureChecked) || e.result == ResultCode::LimitExceeded;
+        if !in_cell {
+            return;
+        }
+        let variant = self.variant_id(e);
+        let day = day_of(t);
+        self.dirty_cells.insert((id, day, variant));
+        let cell = self.cells[id as usize].entry((day, variant)).or_default();
+        if e.result == ResultCode::LimitExceeded {
+            insert_sorted(&mut cell.limit_exceeded, t);
+        }
+        let add_user = |cell: &mut Cell| {
+            if let Some(u) = &e.user {
+                if let Err(pos) = cell.users.binary_search(u) {
+                    cell.users.insert(pos, u.clone());
+                }
+            }
+        };
+        match e.event_type {
+            T::Validated => {
+                cell.results[e.result.tag() as usize] += 1;
+                match e.result {
+                    ResultCode::Valid => {
+                        insert_sorted(&mut cell.valid, t);
+                        add_user(cell);
+                    }
+                    ResultCode::RateLimited => insert_sorted(&mut cell.rate_limited, t),
+                    _ => {}
+                }
+            }
+            T::FeatureChecked => {
+                let f = e.feature.as_deref().unwrap_or("unknown");
+                let pos = match cell.features.binary_search_by(|x| x.0.as_str().cmp(f)) {
+                    Ok(p) => p,
+                    Err(p) => {
+                        cell.features.insert(p, (f.to_string(), [0; 3]));
+                        p
+                    }
+                };
+                let c = &mut cell.features[pos].1;
+                c[0] += 1;
+                match e.result {
+                    ResultCode::Valid => c[1] += 1,
+                    ResultCode::FeatureDenied => {
+                        c[2] += 1;
+                        insert_sorted(&mut cell.denied, t);
+                    }
+                    _ => {}
+                }
+                add_user(cell);
+            }
+            _ => {}
+        }
+    }
+
+    /// The records of everything changed since the last call, as `(key, value)`.
+    pub fn take_dirty(&mut self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::with_capacity(self.dirty_licenses.len() + self.dirty_cells.len() + self.dirty_variants.len());
+        for id in std::mem::take(&mut self.dirty_variants) {
+            out.push((variant_key(id), encode_record(&self.variants[id as usize])));
+        }
+        for id in std::mem::take(&mut self.dirty_licenses) {
+            out.push((license_key(id), encode_record(&self.licenses[id as usize])));
+        }
+        for (l, day, v) in std::mem::take(&mut self.dirty_cells) {
+            let cell = &self.cells[l as usize][&(day, v)];
+            out.push((cell_key(l, day, v), encode_record(cell)));
+        }
+        out
+    }
+
+    /// Rebuilds the state from its records (any order). A record that fails its checksum is an
+    /// error: the numbers would silently be wrong without it.
+    pub fn load(
+        catalog: BTreeMap<String, Plan>,
+        records: impl Iterator<Item = (Vec<u8>, Vec<u8>)>,
+    ) -> Result<Analytics, RecordError> {
+        let mut a = Analytics::new(catalog);
+        let mut licenses: BTreeMap<u32, License> = BTreeMap::new();
+        let mut cells = Vec::new();
+        let mut variants: BTreeMap<u32, Variant> = BTreeMap::new();
+        let bad = |k: &[u8]| RecordError {
+            key: hex::encode(k),
+            message: "malformed key".into(),
+        };
+        for (k, v) in records {
+            match k.get(..2) {
+                Some(b"xl") if k.len() == 6 => {
+                    let id = u32::from_be_bytes(k[2..6].try_into().expect("4 bytes"));
+                    licenses.insert(id, decode_record(&k, &v)?);
+                }
+                Some(b"xc") if k.len() == 14 => {
+                    let id = u32::from_be_bytes(k[2..6].try_into().expect("4 bytes"));
+                    let day = (u32::from_be_bytes(k[6..10].try_into().expect("4 bytes")) ^ (1 << 31)) as i32;
+                    let variant = u32::from_be_bytes(k[10..14].try_into().expect("4 bytes"));
+                    cells.push((id, day, variant, decode_record::<Cell>(&k, &v)?));
+                }
+                Some(b"xv") if k.len() == 6 => {
+                    let id = u32::from_be_bytes(k[2..6].try_into().expect("4 bytes"));
+                    variants.insert(id, decode_record(&k, &v)?);
+                }
+                _ => return Err(bad(&k)),
+            }
+        }
+        for (expected, (id, l)) in licenses.into_iter().enumerate() {
+            if id as usize != expected {
+                return Err(RecordError {
+                    key: hex::encode(license_key(expected as u32)),
+                    message: "missing license record".into(),
+                });
+            }
+            a.by_name.insert(l.name.clone(), id);
+            a.licenses.push(l);
+            a.cells.push(BTreeMap::new());
+        }
+        for (expected, (id, v)) in variants.into_iter().enumerate() {
+            if id as usize != expected {
+                return Err(RecordError {
+                    key: hex::encode(variant_key(expected as u32)),
+                    message: "missing variant record".into(),
+                });
+            }
+            a.variant_ids.insert(v.clone(), id);
+            a.variants.push(v);
+        }
+        for (id, day, variant, cell) in cells {
+            if id as usize >= a.licenses.len() || variant as usize >= a.variants.len() {
+                return Err(RecordError {
+                    key: hex::encode(cell_key(id, day, variant)),
+                    message: "cell of an unknown license or variant".into(),
+                });
+            }
+            a.cells[id as usize].insert((day, variant), cell);
+        }
+        Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests;
