@@ -214,6 +214,8 @@ pub struct CollectorOpts {
     pub max_batch_events: Option<u32>,
     /// Receive port to reuse (after a restart); 0 = any.
     pub receive_port: u16,
+    /// Appended to the config file (e.g. `[plans.pro]` tables).
+    pub extra_toml: String,
 }
 
 impl Default for CollectorOpts {
@@ -223,6 +225,7 @@ impl Default for CollectorOpts {
             token: None,
             max_batch_events: None,
             receive_port: 0,
+            extra_toml: String::new(),
         }
     }
 }
@@ -233,6 +236,7 @@ pub struct Collector {
     pub api: SocketAddr,
     pub data_dir: PathBuf,
     config: PathBuf,
+    token: Option<String>,
 }
 
 impl Collector {
@@ -259,6 +263,7 @@ impl Collector {
             text += &format!("token_file = {tf:?}\n");
         }
         text += "[retention]\ndedup_window = \"3650d\"\nraw_events = \"3650d\"\n";
+        text += &opts.extra_toml;
         std::fs::write(&config, text).unwrap();
         let mut c = Collector {
             proc: Proc {
@@ -270,6 +275,7 @@ impl Collector {
             api: ([0, 0, 0, 0], 0).into(),
             data_dir,
             config,
+            token: opts.token.clone(),
         };
         c.restart();
         c
@@ -301,7 +307,9 @@ impl Collector {
     }
 
     pub fn stats(&self) -> serde_json::Value {
-        let (status, body) = http(self.api, "GET", "/v1/stats", &[], b"").expect("GET /v1/stats");
+        let auth = self.token.as_ref().map(|t| format!("Bearer {}", t.trim()));
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        let (status, body) = http(self.api, "GET", "/v1/stats", &headers, b"").expect("GET /v1/stats");
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).unwrap()
     }

@@ -42,7 +42,7 @@ use keytrail_common::event::{Event, EventType, ResultCode};
 use keytrail_common::time::{UnixNanos, NANOS_PER_DAY};
 
 pub use output::{Answer, Row};
-pub use query::{Dim, Metric, MetricQuery, QueryError};
+pub use query::{civil_from_days, days_from_civil, Dim, Metric, MetricQuery, QueryError};
 pub use timeline::{Inserted, Timeline};
 
 use crate::config::Plan;
