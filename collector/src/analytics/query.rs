@@ -4,7 +4,7 @@
 //! reference computation in `collector/tests/reference/` is the same definitions written the
 //! plain way, over raw events, and the tests compare the two.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
 
 use keytrail_common::event::ResultCode;
 use keytrail_common::time::{format_date, format_rfc3339, UnixNanos, NANOS_PER_DAY, NANOS_PER_SEC};
@@ -239,6 +239,51 @@ pub struct ResourceUse {
     pub reported_limit: bool,
 }
 
+/// Strings to dense ids, in first-seen order.
+#[derive(Default)]
+struct Interner<'a> {
+    names: Vec<&'a str>,
+    map: HashMap<&'a str, u32>,
+}
+
+impl<'a> Interner<'a> {
+    fn id(&mut self, s: &'a str) -> u32 {
+        // Few names (features, plans): a scan beats hashing.
+        if self.names.len() <= 16 {
+            if let Some(i) = self.names.iter().position(|n| *n == s) {
+                return i as u32;
+            }
+        } else if let Some(&i) = self.map.get(s) {
+            return i;
+        }
+        let i = self.names.len() as u32;
+        self.names.push(s);
+        self.map.insert(s, i);
+        i
+    }
+}
+
+/// The group of every event cell in one query, as dense ids (see [`Analytics::groups`]).
+struct EventGroups<'a> {
+    names: Vec<&'a str>,
+    license: Vec<u32>,
+    variant: Vec<Option<u32>>,
+}
+
+impl EventGroups<'_> {
+    /// An event's group: its own value if set, else its license's.
+    fn of(&self, license: u32, variant: u32) -> u32 {
+        self.variant[variant as usize].unwrap_or(self.license[license as usize])
+    }
+
+    /// Group ids in ascending name order.
+    fn order(&self) -> Vec<usize> {
+        let mut o: Vec<usize> = (0..self.names.len()).collect();
+        o.sort_by_key(|&i| self.names[i]);
+        o
+    }
+}
+
 struct Health {
     score: i64,
     reasons: Vec<&'static str>,
@@ -247,14 +292,6 @@ struct Health {
 impl Analytics {
     fn dim_at<'a>(&'a self, l: &'a License, d: Dim, t: i64) -> &'a str {
         l.dims[d as usize].at(t).map_or("unknown", String::as_str)
-    }
-
-    /// An event's group: its own value (its cell's variant) if set, else the license's latest.
-    fn event_group<'a>(&'a self, l: &'a License, variant: u32, d: Dim, end: i64) -> &'a str {
-        match &self.variants[variant as usize].0[d as usize] {
-            Some(v) => v,
-            None => self.dim_at(l, d, end),
-        }
     }
 
     fn license_group<'a>(&'a self, l: &'a License, by: Option<Dim>, t: i64) -> &'a str {
@@ -508,153 +545,195 @@ impl Analytics {
         })
     }
 
+    /// Interned group ids for one query: per license (its latest value up to `end`) and per
+    /// variant (the events' own value, if they have one). Without `by`, one group `""`.
+    fn groups(&self, by: Option<Dim>, end: i64) -> EventGroups<'_> {
+        let mut g = Interner::default();
+        let Some(d) = by else {
+            g.id("");
+            return EventGroups {
+                names: g.names,
+                license: vec![0; self.licenses.len()],
+                variant: vec![Some(0); self.variants.len()],
+            };
+        };
+        let license = self.licenses.iter().map(|l| g.id(self.dim_at(l, d, end))).collect();
+        let variant = self
+            .variants
+            .iter()
+            .map(|v| v.0[d as usize].as_deref().map(|x| g.id(x)))
+            .collect();
+        EventGroups {
+            names: g.names,
+            license,
+            variant,
+        }
+    }
+
     /// `daily-active-validations` and `validation-failures`.
     fn day_series(&self, q: &MetricQuery, end: i64) -> Vec<Row> {
-        #[derive(Default)]
-        struct A {
-            results: [u64; 12],
-            active: u64,
-        }
-        let mut acc: BTreeMap<(i32, &str), A> = BTreeMap::new();
-        let mut active: Vec<(i32, &str)> = Vec::new();
-        for (id, l) in self.in_order() {
-            active.clear();
+        let groups = self.groups(q.by, end);
+        let ng = groups.names.len();
+        let days = (q.to_day - q.from_day + 1) as usize;
+        let mut results = vec![[0u64; 12]; days * ng];
+        let mut active = vec![0u64; days * ng];
+        let mut marked = vec![u32::MAX; days * ng];
+        for id in 0..self.licenses.len() as u32 {
             for (&(day, variant), cell) in self.cells_between(id, q.from_day, q.to_day) {
-                let validations: u32 = cell.results.iter().sum();
-                if validations == 0 {
+                if cell.results.iter().all(|n| *n == 0) {
                     continue;
                 }
-                let g = q.by.map_or("", |d| self.event_group(l, variant, d, end));
-                let a = acc.entry((day, g)).or_default();
-                for (x, y) in a.results.iter_mut().zip(cell.results) {
+                let slot = (day - q.from_day) as usize * ng + groups.of(id, variant) as usize;
+                for (x, y) in results[slot].iter_mut().zip(cell.results) {
                     *x += y as u64;
                 }
-                if cell.results[VALID] > 0 {
-                    active.push((day, g));
+                if cell.results[VALID] > 0 && marked[slot] != id {
+                    marked[slot] = id;
+                    active[slot] += 1;
                 }
             }
-            active.sort_unstable();
-            active.dedup();
-            for k in &active {
-                acc.get_mut(k).expect("counted above").active += 1;
+        }
+        let mut rows = Vec::new();
+        for (day_index, day) in (q.from_day..=q.to_day).enumerate() {
+            for g in groups.order() {
+                let slot = day_index * ng + g;
+                let r = &results[slot];
+                let validations: u64 = r.iter().sum();
+                if q.by.is_some() && validations == 0 {
+                    continue;
+                }
+                let mut row = Row::default().with("day", format_date(day_start(day)));
+                if let Some(d) = q.by {
+                    row = row.with(d.as_str(), groups.names[g]);
+                }
+                if q.metric == Metric::DailyActiveValidations {
+                    rows.push(row.with("active_licenses", active[slot]).with("validations", validations));
+                    continue;
+                }
+                let failed = validations - r[VALID];
+                let mut seen: Vec<(&str, u64)> = ResultCode::ALL
+                    .iter()
+                    .zip(r)
+                    .skip(1)
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(c, n)| (c.as_str(), *n))
+                    .collect();
+                seen.sort_unstable();
+                let by_result: serde_json::Map<String, Value> =
+                    seen.into_iter().map(|(c, n)| (c.to_string(), json!(n))).collect();
+                rows.push(
+                    row.with("validations", validations)
+                        .with("failed", failed)
+                        .with("failure_rate", ratio(failed as f64, validations as f64))
+                        .with("by_result", Value::Object(by_result)),
+                );
             }
         }
-        let row = |day: i32, g: &str, a: &A| {
-            let mut r = Row::default().with("day", format_date(day_start(day)));
-            if let Some(d) = q.by {
-                r = r.with(d.as_str(), g);
-            }
-            let validations: u64 = a.results.iter().sum();
-            if q.metric == Metric::DailyActiveValidations {
-                return r.with("active_licenses", a.active).with("validations", validations);
-            }
-            let failed = validations - a.results[VALID];
-            let mut by_result = serde_json::Map::new();
-            let mut seen: Vec<(&str, u64)> = ResultCode::ALL
-                .iter()
-                .zip(a.results)
-                .skip(1)
-                .filter(|(_, n)| *n > 0)
-                .map(|(c, n)| (c.as_str(), n))
-                .collect();
-            seen.sort_unstable();
-            for (c, n) in seen {
-                by_result.insert(c.to_string(), json!(n));
-            }
-            r.with("validations", validations)
-                .with("failed", failed)
-                .with("failure_rate", ratio(failed as f64, validations as f64))
-                .with("by_result", Value::Object(by_result))
-        };
-        match q.by {
-            Some(_) => acc.iter().map(|((day, g), a)| row(*day, g, a)).collect(),
-            None => (q.from_day..=q.to_day)
-                .map(|day| row(day, "", acc.get(&(day, "")).unwrap_or(&A::default())))
-                .collect(),
-        }
+        rows
     }
 
     fn geo(&self, q: &MetricQuery, end: i64) -> Vec<Row> {
-        let mut acc: BTreeMap<(&str, &str), [u64; 3]> = BTreeMap::new();
-        let mut active: Vec<(&str, &str)> = Vec::new();
-        for (id, l) in self.in_order() {
-            active.clear();
+        let groups = self.groups(q.by, end);
+        let countries = self.groups(Some(Dim::Country), end);
+        let (ng, nc) = (groups.names.len(), countries.names.len());
+        let mut acc = vec![[0u64; 3]; nc * ng];
+        let mut marked = vec![u32::MAX; nc * ng];
+        for id in 0..self.licenses.len() as u32 {
             for (&(_, variant), cell) in self.cells_between(id, q.from_day, q.to_day) {
                 let validations: u32 = cell.results.iter().sum();
                 if validations == 0 {
                     continue;
                 }
-                let country = self.event_group(l, variant, Dim::Country, end);
-                let g = q.by.map_or("", |d| self.event_group(l, variant, d, end));
-                let a = acc.entry((country, g)).or_default();
+                let slot = countries.of(id, variant) as usize * ng + groups.of(id, variant) as usize;
+                let a = &mut acc[slot];
                 a[0] += validations as u64;
                 a[1] += (validations - cell.results[VALID]) as u64;
-                if cell.results[VALID] > 0 {
-                    active.push((country, g));
+                if cell.results[VALID] > 0 && marked[slot] != id {
+                    marked[slot] = id;
+                    a[2] += 1;
                 }
-            }
-            active.sort_unstable();
-            active.dedup();
-            for k in &active {
-                acc.get_mut(k).expect("counted above")[2] += 1;
             }
         }
-        acc.iter()
-            .map(|((country, g), a)| {
-                let mut r = Row::default().with("country", *country);
-                if let Some(d) = q.by {
-                    r = r.with(d.as_str(), *g);
+        let mut rows = Vec::new();
+        for c in countries.order() {
+            for g in groups.order() {
+                let a = &acc[c * ng + g];
+                if a[0] == 0 {
+                    continue;
                 }
-                r.with("validations", a[0]).with("failed", a[1]).with("active_licenses", a[2])
-            })
-            .collect()
+                let mut r = Row::default().with("country", countries.names[c]);
+                if let Some(d) = q.by {
+                    r = r.with(d.as_str(), groups.names[g]);
+                }
+                rows.push(r.with("validations", a[0]).with("failed", a[1]).with("active_licenses", a[2]));
+            }
+        }
+        rows
     }
 
     fn feature_usage(&self, q: &MetricQuery, end: i64) -> Vec<Row> {
-        let mut acc: BTreeMap<(&str, &str), [u64; 4]> = BTreeMap::new();
-        let mut seen: Vec<(&str, &str)> = Vec::new();
-        for (id, l) in self.in_order() {
-            seen.clear();
+        let groups = self.groups(q.by, end);
+        let ng = groups.names.len();
+        let mut features = Interner::default();
+        // Per feature id: per group [checks, granted, denied, licenses], and the license that
+        // last counted in the slot.
+        let mut acc: Vec<Vec<([u64; 4], u32)>> = Vec::new();
+        for id in 0..self.licenses.len() as u32 {
             for (&(_, variant), cell) in self.cells_between(id, q.from_day, q.to_day) {
-                let g = q.by.map_or("", |d| self.event_group(l, variant, d, end));
+                let g = groups.of(id, variant) as usize;
                 for (f, c) in &cell.features {
-                    let a = acc.entry((f.as_str(), g)).or_default();
+                    let fid = features.id(f) as usize;
+                    if fid == acc.len() {
+                        acc.push(vec![([0; 4], u32::MAX); ng]);
+                    }
+                    let (a, last) = &mut acc[fid][g];
                     for i in 0..3 {
                         a[i] += c[i] as u64;
                     }
-                    seen.push((f.as_str(), g));
+                    if *last != id {
+                        *last = id;
+                        a[3] += 1;
+                    }
                 }
-            }
-            seen.sort_unstable();
-            seen.dedup();
-            for k in &seen {
-                acc.get_mut(k).expect("counted above")[3] += 1;
             }
         }
-        acc.iter()
-            .map(|((f, g), a)| {
-                let mut r = Row::default().with("feature", *f);
-                if let Some(d) = q.by {
-                    r = r.with(d.as_str(), *g);
+        let mut order: Vec<usize> = (0..features.names.len()).collect();
+        order.sort_by_key(|&f| features.names[f]);
+        let mut rows = Vec::new();
+        for f in order {
+            for g in groups.order() {
+                let (a, _) = &acc[f][g];
+                if a[0] == 0 {
+                    continue;
                 }
-                r.with("checks", a[0])
-                    .with("granted", a[1])
-                    .with("denied", a[2])
-                    .with("licenses", a[3])
-            })
-            .collect()
+                let mut r = Row::default().with("feature", features.names[f]);
+                if let Some(d) = q.by {
+                    r = r.with(d.as_str(), groups.names[g]);
+                }
+                rows.push(
+                    r.with("checks", a[0])
+                        .with("granted", a[1])
+                        .with("denied", a[2])
+                        .with("licenses", a[3]),
+                );
+            }
+        }
+        rows
     }
 
     fn active_users(&self, q: &MetricQuery, end: i64) -> Vec<Row> {
         let mut groups: BTreeMap<&str, [u64; 2]> = BTreeMap::new();
-        for (id, l) in self.in_order() {
-            let users: BTreeSet<&str> = self
-                .cells_between(id, q.from_day, q.to_day)
-                .flat_map(|(_, c)| c.users.iter().map(String::as_str))
-                .collect();
+        let mut users: Vec<&str> = Vec::new();
+        for (id, l) in self.licenses.iter().enumerate() {
+            users.clear();
+            for (_, c) in self.cells_between(id as u32, q.from_day, q.to_day) {
+                users.extend(c.users.iter().map(String::as_str));
+            }
             if users.is_empty() {
                 continue;
             }
+            users.sort_unstable();
+            users.dedup();
             let a = groups.entry(self.license_group(l, q.by, end)).or_default();
             a[0] += 1;
             a[1] += users.len() as u64;
