@@ -26,7 +26,11 @@ const BATCH: usize = 5000;
 
 fn plans() -> BTreeMap<String, Plan> {
     let mut p = BTreeMap::new();
-    for (name, price, seats) in [("free", None, 1), ("pro", Some(49.0), 10), ("enterprise", Some(499.0), 100)] {
+    for (name, price, seats) in [
+        ("free", None, 1),
+        ("pro", Some(49.0), 10),
+        ("enterprise", Some(499.0), 100),
+    ] {
         p.insert(
             name.to_string(),
             Plan {
@@ -139,7 +143,9 @@ async fn main() {
         let mut made = 0u64;
         while made < events {
             let n = BATCH.min((events - made) as usize);
-            let batch: Vec<Event> = (0..n).map(|i| gen.event((made + i as u64) as f64 / events as f64)).collect();
+            let batch: Vec<Event> = (0..n)
+                .map(|i| gen.event((made + i as u64) as f64 / events as f64))
+                .collect();
             made += n as u64;
             seq += 1;
             let b = IncomingBatch {
@@ -155,8 +161,9 @@ async fn main() {
     });
     let began = Instant::now();
     let mut stored = 0u64;
-    let mut inflight: tokio::task::JoinSet<Result<keytrail_collector::store::IngestOutcome, keytrail_collector::store::StoreError>> =
-        tokio::task::JoinSet::new();
+    let mut inflight: tokio::task::JoinSet<
+        Result<keytrail_collector::store::IngestOutcome, keytrail_collector::store::StoreError>,
+    > = tokio::task::JoinSet::new();
     let mut last_report = Instant::now();
     while let Some(b) = rx.recv().await {
         while inflight.len() >= 2 {

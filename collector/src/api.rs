@@ -352,7 +352,11 @@ pub fn metric_query(metric: Metric, q: &[(String, String)]) -> Result<MetricQuer
     if let Some((k, _)) = q.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
         return Err(bad(
             "unknown_parameter",
-            format!("unknown parameter {k:?} for {}; accepted: {}", metric.name(), allowed.join(", ")),
+            format!(
+                "unknown parameter {k:?} for {}; accepted: {}",
+                metric.name(),
+                allowed.join(", ")
+            ),
         ));
     }
     let at = parse_at(q)?;
@@ -446,7 +450,10 @@ async fn license(api: &Api, raw_name: &str, q: &[(String, String)]) -> Result<Re
         return Err(bad("invalid_license", "the license id is empty or too long"));
     }
     if let Some((k, _)) = q.iter().find(|(k, _)| k != "at") {
-        return Err(bad("unknown_parameter", format!("unknown parameter {k:?}; accepted: at")));
+        return Err(bad(
+            "unknown_parameter",
+            format!("unknown parameter {k:?}; accepted: at"),
+        ));
     }
     let at = parse_at(q)?;
     let store = Arc::clone(&api.store);

@@ -83,18 +83,27 @@ pub fn request_path(a: &QueryArgs) -> Result<(Metric, String), String> {
 async fn get(api: &str, path_and_query: &str, token: Option<&str>) -> Result<(StatusCode, Bytes), String> {
     let base: Uri = api.parse().map_err(|e| format!("--api {api:?}: {e}"))?;
     if base.scheme_str() != Some("http") {
-        return Err(format!("--api {api:?}: use an http:// URL (the analyst API speaks plain HTTP)"));
+        return Err(format!(
+            "--api {api:?}: use an http:// URL (the analyst API speaks plain HTTP)"
+        ));
     }
     let authority = base
         .authority()
         .ok_or_else(|| format!("--api {api:?}: no host"))?
         .clone();
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = authority.port_u16().unwrap_or(80);
-    let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect((host.as_str(), port)))
-        .await
-        .map_err(|_| format!("connecting to {api}: timed out"))?
-        .map_err(|e| format!("connecting to {api}: {e}"))?;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| format!("connecting to {api}: timed out"))?
+    .map_err(|e| format!("connecting to {api}: {e}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
         .await
         .map_err(|e| format!("talking to {api}: {e}"))?;
@@ -139,12 +148,22 @@ pub fn table(columns: &[&str], rows: &[Value]) -> String {
         .collect();
     let numeric: Vec<bool> = columns
         .iter()
-        .map(|c| rows.iter().all(|r| r.get(*c).is_none_or(|v| v.is_number() || v.is_null())))
+        .map(|c| {
+            rows.iter()
+                .all(|r| r.get(*c).is_none_or(|v| v.is_number() || v.is_null()))
+        })
         .collect();
     let widths: Vec<usize> = columns
         .iter()
         .enumerate()
-        .map(|(i, c)| cells.iter().map(|r| r[i].chars().count()).chain([c.len()]).max().unwrap_or(0))
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].chars().count())
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     let line = |vals: &[String], out: &mut String| {
@@ -193,7 +212,11 @@ pub async fn run(a: QueryArgs) -> Result<String, String> {
             let rows = v["rows"].as_array().cloned().unwrap_or_default();
             let mut out = String::new();
             if let (Some(f), Some(t)) = (v["from"].as_str(), v["to"].as_str()) {
-                out.push_str(&format!("{}  {f} .. {t}  at {}\n", metric.name(), v["at"].as_str().unwrap_or("")));
+                out.push_str(&format!(
+                    "{}  {f} .. {t}  at {}\n",
+                    metric.name(),
+                    v["at"].as_str().unwrap_or("")
+                ));
             } else {
                 out.push_str(&format!("{}  at {}\n", metric.name(), v["at"].as_str().unwrap_or("")));
             }

@@ -331,6 +331,14 @@ pub struct Store {
     analytics: RwLock<Analytics>,
 }
 
+/// Size of the analytics state, for `/metrics`.
+#[derive(Debug, Clone, Copy)]
+pub struct AnalyticsStats {
+    pub licenses: usize,
+    pub cells: usize,
+    pub inexact_events: u64,
+}
+
 /// What [`Store::open`] needs besides the directory.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -413,8 +421,17 @@ impl Store {
 
     /// (licenses, cells) held by the analytics.
     pub fn analytics_size(&self) -> (usize, usize) {
+        let s = self.analytics_stats();
+        (s.licenses, s.cells)
+    }
+
+    pub fn analytics_stats(&self) -> AnalyticsStats {
         let a = self.analytics.read().expect("analytics lock");
-        (a.license_count(), a.cell_count())
+        AnalyticsStats {
+            licenses: a.license_count(),
+            cells: a.cell_count(),
+            inexact_events: a.inexact_events(),
+        }
     }
 
     pub fn is_writable(&self) -> bool {

@@ -63,6 +63,22 @@ impl CollectorMetrics {
             "Agents that have sent at least one batch.",
             store.agents().len() as f64,
         );
+        let a = store.analytics_stats();
+        p.gauge(
+            "keytrail_analytics_licenses",
+            "Licenses the analytics hold state for.",
+            a.licenses as f64,
+        )
+        .gauge(
+            "keytrail_analytics_cells",
+            "Per-(day, license, variant) rollup cells held.",
+            a.cells as f64,
+        )
+        .counter(
+            "keytrail_analytics_inexact_events_total",
+            "Late events placed without their successor (purged by retention) since start.",
+            a.inexact_events,
+        );
         p.finish()
     }
 }

@@ -51,9 +51,27 @@ fn metrics_flow_from_agent_to_api_and_cli_exactly_once() {
     let first = vec![ev("v3", "license.validated", "L2", "2026-10-03T09:00:00Z", "")];
     let second = vec![
         ev("i1", "license.issued", "L1", "2026-10-01T00:00:00Z", r#","plan":"pro""#),
-        ev("i2", "license.issued", "L2", "2026-10-01T12:00:00Z", r#","plan":"team""#),
-        ev("v1", "license.validated", "L1", "2026-10-02T10:00:00Z", r#","country":"DE""#),
-        ev("v2", "license.validated", "L1", "2026-10-02T11:00:00Z", r#","result":"expired""#),
+        ev(
+            "i2",
+            "license.issued",
+            "L2",
+            "2026-10-01T12:00:00Z",
+            r#","plan":"team""#,
+        ),
+        ev(
+            "v1",
+            "license.validated",
+            "L1",
+            "2026-10-02T10:00:00Z",
+            r#","country":"DE""#,
+        ),
+        ev(
+            "v2",
+            "license.validated",
+            "L1",
+            "2026-10-02T11:00:00Z",
+            r#","result":"expired""#,
+        ),
     ];
     agent.post_until_accepted(&first, WAIT);
     agent.post_until_accepted(&second, WAIT);
@@ -72,7 +90,10 @@ fn metrics_flow_from_agent_to_api_and_cli_exactly_once() {
                 {"day": "2026-10-03", "active_licenses": 1, "validations": 1},
             ])
         );
-        let r = get_json(c, "/v1/metrics/daily-active-validations?from=2026-10-01&to=2026-10-03&by=plan");
+        let r = get_json(
+            c,
+            "/v1/metrics/daily-active-validations?from=2026-10-01&to=2026-10-03&by=plan",
+        );
         assert_eq!(
             r["rows"],
             json!([
@@ -96,7 +117,10 @@ fn metrics_flow_from_agent_to_api_and_cli_exactly_once() {
     };
     check(&collector);
 
-    let (status, csv) = get(&collector, "/v1/metrics/validation-failures?from=2026-10-02&to=2026-10-02&format=csv");
+    let (status, csv) = get(
+        &collector,
+        "/v1/metrics/validation-failures?from=2026-10-02&to=2026-10-02&format=csv",
+    );
     assert_eq!(status, 200);
     assert_eq!(
         csv,
@@ -136,14 +160,27 @@ fn metrics_flow_from_agent_to_api_and_cli_exactly_once() {
         assert_eq!(s, status, "{path}: {body}");
         assert!(body.contains(code), "{path}: {body}");
     }
-    for path in ["/v1/metrics/geo", "/v1/licenses/L1", "/v1/churn-risk", "/v1/upgrade-signals"] {
+    for path in [
+        "/v1/metrics/geo",
+        "/v1/licenses/L1",
+        "/v1/churn-risk",
+        "/v1/upgrade-signals",
+    ] {
         assert_eq!(http(collector.api, "GET", path, &[], b"").unwrap().0, 401, "{path}");
     }
 
     // The CLI: an aligned table by default, CSV and JSON on request, errors on stderr.
     let out = query(
         &collector,
-        &["daily-active-validations", "--from", "2026-10-02", "--to", "2026-10-03", "--by", "plan"],
+        &[
+            "daily-active-validations",
+            "--from",
+            "2026-10-02",
+            "--to",
+            "2026-10-03",
+            "--by",
+            "plan",
+        ],
         TOKEN,
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -431,10 +431,24 @@ impl Analytics {
                 min_opt(&mut l.first_valid_validation, t);
             }
             T::SupportTicketOpened | T::SupportTicketClosed => {
-                outcomes.push(record(&mut l.support_open, e, seq, support_of(e) == Some(true), history, support_of));
+                outcomes.push(record(
+                    &mut l.support_open,
+                    e,
+                    seq,
+                    support_of(e) == Some(true),
+                    history,
+                    support_of,
+                ));
             }
             T::PaymentSucceeded | T::PaymentFailed => {
-                outcomes.push(record(&mut l.payment_failed, e, seq, payment_of(e) == Some(true), history, payment_of));
+                outcomes.push(record(
+                    &mut l.payment_failed,
+                    e,
+                    seq,
+                    payment_of(e) == Some(true),
+                    history,
+                    payment_of,
+                ));
             }
             _ => {}
         }
@@ -499,7 +513,8 @@ impl Analytics {
 
     /// The records of everything changed since the last call, as `(key, value)`.
     pub fn take_dirty(&mut self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut out = Vec::with_capacity(self.dirty_licenses.len() + self.dirty_cells.len() + self.dirty_variants.len());
+        let mut out =
+            Vec::with_capacity(self.dirty_licenses.len() + self.dirty_cells.len() + self.dirty_variants.len());
         for id in std::mem::take(&mut self.dirty_variants) {
             out.push((variant_key(id), encode_record(&self.variants[id as usize])));
         }

@@ -115,7 +115,10 @@ mod tests {
                 .with("plan", "a,b")
                 .with("rate", Value::Null)
                 .with("by_result", serde_json::json!({"expired": 2})),
-            Row::default().with("plan", "x\"y").with("rate", 0.5).with("by_result", serde_json::json!({})),
+            Row::default()
+                .with("plan", "x\"y")
+                .with("rate", 0.5)
+                .with("by_result", serde_json::json!({})),
         ];
         assert_eq!(
             to_csv(&rows, &[]),

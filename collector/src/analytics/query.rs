@@ -340,14 +340,20 @@ impl Analytics {
             .reduce(f64::max)
     }
 
-    fn cells_between(&self, id: u32, first_day: i32, last_day: i32) -> impl DoubleEndedIterator<Item = (&(i32, u32), &Cell)> {
+    fn cells_between(
+        &self,
+        id: u32,
+        first_day: i32,
+        last_day: i32,
+    ) -> impl DoubleEndedIterator<Item = (&(i32, u32), &Cell)> {
         self.cells[id as usize].range((first_day, 0)..=(last_day, u32::MAX))
     }
 
     /// Events of one kind (picked from cells) with time in `(a, b]`.
     fn count_between(&self, id: u32, a: i64, b: i64, pick: fn(&Cell) -> &Vec<i64>) -> u64 {
         count_in(
-            self.cells_between(id, day_of(a), day_of(b)).map(|(_, c)| pick(c).as_slice()),
+            self.cells_between(id, day_of(a), day_of(b))
+                .map(|(_, c)| pick(c).as_slice()),
             a,
             b,
         )
@@ -607,7 +613,10 @@ impl Analytics {
                     row = row.with(d.as_str(), groups.names[g]);
                 }
                 if q.metric == Metric::DailyActiveValidations {
-                    rows.push(row.with("active_licenses", active[slot]).with("validations", validations));
+                    rows.push(
+                        row.with("active_licenses", active[slot])
+                            .with("validations", validations),
+                    );
                     continue;
                 }
                 let failed = validations - r[VALID];
@@ -665,7 +674,11 @@ impl Analytics {
                 if let Some(d) = q.by {
                     r = r.with(d.as_str(), groups.names[g]);
                 }
-                rows.push(r.with("validations", a[0]).with("failed", a[1]).with("active_licenses", a[2]));
+                rows.push(
+                    r.with("validations", a[0])
+                        .with("failed", a[1])
+                        .with("active_licenses", a[2]),
+                );
             }
         }
         rows

@@ -132,7 +132,10 @@ fn activation_rate_cohort_and_at_bound() {
     // Exactly 7 days after issue still counts for activated_7d.
     let mut b2 = Builder::new();
     b2.ev(T::Issued, "x", at(0, 0)).ev(T::Validated, "x", at(7, 0));
-    assert_eq!(b2.rows(Metric::ActivationRate, 0, 0, at(9, 0), None)[0]["activated_7d"], 1);
+    assert_eq!(
+        b2.rows(Metric::ActivationRate, 0, 0, at(9, 0), None)[0]["activated_7d"],
+        1
+    );
     let r = b.rows(Metric::ActivationRate, 0, 6, at(30, 0), Some(Dim::Plan));
     assert_eq!(
         r,
@@ -148,7 +151,9 @@ fn activation_rate_cohort_and_at_bound() {
         r,
         vec![json!({"issued": 0, "activated": 0, "activated_7d": 0, "rate": null, "rate_7d": null})]
     );
-    assert!(b.rows(Metric::ActivationRate, 20, 25, at(30, 0), Some(Dim::Plan)).is_empty());
+    assert!(b
+        .rows(Metric::ActivationRate, 20, 25, at(30, 0), Some(Dim::Plan))
+        .is_empty());
 }
 
 #[test]
@@ -286,8 +291,10 @@ fn utilization_limits_usage_and_activations() {
     // mean over l1 (0.9) and l2 (1.5), in license order.
     assert_eq!(
         r,
-        vec![json!({"licenses": 2, "mean_utilization": (0.9 + 1.5) / 2.0, "at_or_above_80": 2,
-                    "at_or_above_90": 2, "over_limit": 1})]
+        vec![
+            json!({"licenses": 2, "mean_utilization": (0.9 + 1.5) / 2.0, "at_or_above_80": 2,
+                    "at_or_above_90": 2, "over_limit": 1})
+        ]
     );
     // As of day 1 noon... before l4's revocation it is live and at 1.0.
     let r = b.rows(Metric::Utilization, 0, 0, at(1, 12), None);
@@ -296,8 +303,10 @@ fn utilization_limits_usage_and_activations() {
     let r = b.rows(Metric::Utilization, 0, 0, at(0, 6), Some(Dim::Plan));
     assert_eq!(
         r,
-        vec![json!({"plan": "pro", "licenses": 1, "mean_utilization": 0.4, "at_or_above_80": 0,
-                    "at_or_above_90": 0, "over_limit": 0})]
+        vec![
+            json!({"plan": "pro", "licenses": 1, "mean_utilization": 0.4, "at_or_above_80": 0,
+                    "at_or_above_90": 0, "over_limit": 0})
+        ]
     );
 }
 
@@ -317,11 +326,16 @@ fn time_to_first_validation_buckets_and_percentiles() {
     // values (s): 0, 0, 1800, 7200, 108000, 691200 → p50 rank 3, p90 rank ceil(5.4)=6.
     assert_eq!(
         r,
-        vec![json!({"issued": 7, "under_1h": 3, "from_1h_to_24h": 1, "from_1d_to_7d": 1, "over_7d": 1,
-                    "never": 1, "p50_seconds": 1800.0, "p90_seconds": 691200.0})]
+        vec![
+            json!({"issued": 7, "under_1h": 3, "from_1h_to_24h": 1, "from_1d_to_7d": 1, "over_7d": 1,
+                    "never": 1, "p50_seconds": 1800.0, "p90_seconds": 691200.0})
+        ]
     );
     let r = b.rows(Metric::TimeToFirstValidation, 0, 0, at(1, 0), None);
-    assert_eq!(r[0]["never"], 3, "as of day 1 the 30-hour and 8-day licenses have not validated yet");
+    assert_eq!(
+        r[0]["never"], 3,
+        "as of day 1 the 30-hour and 8-day licenses have not validated yet"
+    );
     let r = b.rows(Metric::TimeToFirstValidation, 3, 3, at(20, 0), None);
     assert_eq!(r[0]["p50_seconds"], Value::Null);
 }
@@ -351,7 +365,13 @@ fn renewal_upgrade_and_expiration() {
 
     let mut b = Builder::new();
     let now = at(10, 0);
-    for (l, expires) in [("x0", now), ("x1", now + D), ("x7", now + 7 * D), ("x30", now + 30 * D), ("x90", now + 90 * D)] {
+    for (l, expires) in [
+        ("x0", now),
+        ("x1", now + D),
+        ("x7", now + 7 * D),
+        ("x30", now + 30 * D),
+        ("x90", now + 90 * D),
+    ] {
         b.add(T::Validated, l, at(0, 0), |e| e.expires_at = Some(expires));
     }
     b.add(T::Validated, "rev", at(0, 0), |e| e.expires_at = Some(now + D))
@@ -384,7 +404,10 @@ fn health_boundaries_at_7_and_30_days_and_reasons() {
         (json!(60), json!(["inactive_7d", "validation_decline"]))
     );
     assert_eq!(score(&b, last + 31 * D - 1), (json!(80), json!(["inactive_7d"])));
-    assert_eq!(score(&b, last + 31 * D), (json!(50), json!(["inactive_7d", "inactive_30d"])));
+    assert_eq!(
+        score(&b, last + 31 * D),
+        (json!(50), json!(["inactive_7d", "inactive_30d"]))
+    );
 
     // Validation decline: last week (at−14d, at−7d] = 4, this week (at−7d, at] = 1 < 2.
     let mut b = Builder::new();
@@ -412,7 +435,10 @@ fn health_boundaries_at_7_and_30_days_and_reasons() {
         .add(T::Deactivated, "p", at(1, 2), |e| e.domain = Some("a".into()));
     assert_eq!(
         score(&b, at(1, 3)),
-        (json!(50), json!(["low_domain_utilization", "open_support_ticket", "payment_failed"]))
+        (
+            json!(50),
+            json!(["low_domain_utilization", "open_support_ticket", "payment_failed"])
+        )
     );
 
     // No validation: last = issued-at; none: the first event. Expired licenses are not live.
@@ -446,7 +472,12 @@ fn churn_risk_and_upgrade_signals_order() {
         by: None,
         below: 51.0,
     };
-    let names: Vec<String> = b.a.query(&q).unwrap().iter().map(|r| r.get("license").unwrap().to_string()).collect();
+    let names: Vec<String> =
+        b.a.query(&q)
+            .unwrap()
+            .iter()
+            .map(|r| r.get("license").unwrap().to_string())
+            .collect();
     assert_eq!(names, vec!["\"y\"", "\"a\"", "\"z\""]);
 
     let mut b = Builder::new();
@@ -505,8 +536,16 @@ fn mrr_by_month_with_change_and_unpriced() {
             json!({"month": "2026-12", "active_licenses": 3, "mrr": 148.5, "unpriced_licenses": 1, "change": 0.0}),
         ]
     );
-    let rows: Vec<Value> = b.a.query(&q(Some(Dim::Plan))).unwrap().iter().map(Row::to_value).collect();
-    assert_eq!(rows[0], json!({"month": "2026-10", "plan": "pro", "active_licenses": 1, "mrr": 49.0, "unpriced_licenses": 0, "change": null}));
+    let rows: Vec<Value> =
+        b.a.query(&q(Some(Dim::Plan)))
+            .unwrap()
+            .iter()
+            .map(Row::to_value)
+            .collect();
+    assert_eq!(
+        rows[0],
+        json!({"month": "2026-10", "plan": "pro", "active_licenses": 1, "mrr": 49.0, "unpriced_licenses": 0, "change": null})
+    );
     assert_eq!(rows[1]["plan"], "enterprise");
     assert_eq!(
         rows[3],

@@ -42,7 +42,13 @@ impl<T: PartialEq> Timeline<T> {
     /// Records that an event at `(time, seq)` carried `value`. `next` finds the earliest
     /// already-applied event carrying the field with a time after `time`, as `(time, seq,
     /// value)`; it is called only for a late event that changes a value.
-    pub fn insert(&mut self, time: UnixNanos, seq: u64, value: T, next: impl FnOnce() -> Option<(i64, u64, T)>) -> Inserted {
+    pub fn insert(
+        &mut self,
+        time: UnixNanos,
+        seq: u64,
+        value: T,
+        next: impl FnOnce() -> Option<(i64, u64, T)>,
+    ) -> Inserted {
         let key = (time, seq);
         let late = self.last.is_some_and(|l| key < l);
         if !late {
@@ -105,7 +111,11 @@ mod tests {
 
     /// The value at t from the plain definition: the latest (time, seq) event with time <= t.
     fn reference(events: &[(i64, u64, u8)], t: i64) -> Option<u8> {
-        events.iter().filter(|e| e.0 <= t).max_by_key(|e| (e.0, e.1)).map(|e| e.2)
+        events
+            .iter()
+            .filter(|e| e.0 <= t)
+            .max_by_key(|e| (e.0, e.1))
+            .map(|e| e.2)
     }
 
     #[test]
@@ -120,7 +130,13 @@ mod tests {
             let events: Vec<(i64, u64, u8)> = order.iter().enumerate().map(|(s, (t, v))| (*t, s as u64, *v)).collect();
             let mut tl = Timeline::default();
             for (i, &(t, s, v)) in events.iter().enumerate() {
-                let next = || events[..i].iter().filter(|e| e.0 > t).min_by_key(|e| (e.0, e.1)).copied();
+                let next = || {
+                    events[..i]
+                        .iter()
+                        .filter(|e| e.0 > t)
+                        .min_by_key(|e| (e.0, e.1))
+                        .copied()
+                };
                 assert_eq!(tl.insert(t, s, v, next), Inserted::Exact);
             }
             for t in -1..22 {
