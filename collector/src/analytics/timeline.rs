@@ -100,7 +100,7 @@ impl<T: PartialEq> Timeline<T> {
     }
 
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub fn point_count(&self) -> usize {
         self.points.len()
     }
 }
@@ -152,13 +152,13 @@ mod tests {
         for i in 0..100 {
             tl.insert(i, i as u64, "pro", || unreachable!("in order"));
         }
-        assert_eq!(tl.len(), 1);
+        assert_eq!(tl.point_count(), 1);
         // Late, different: holds until the next event (the one at 51, found by `next`).
         tl.insert(50, 1000, "team", || Some((51, 51, "pro")));
         assert_eq!(tl.at(49), Some(&"pro"));
         assert_eq!(tl.at(50), Some(&"team"), "same time, stored later: later");
         assert_eq!(tl.at(51), Some(&"pro"));
-        assert_eq!(tl.len(), 3);
+        assert_eq!(tl.point_count(), 3);
         // Late, not found (purged): reported, value assumed to hold to the next change point.
         assert_eq!(tl.insert(10, 1001, "free", || None), Inserted::NextUnknown);
     }

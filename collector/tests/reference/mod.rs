@@ -4,6 +4,9 @@
 //! `docs/metrics.md`), so a reader can put it beside `collector/src/analytics/query.rs` and
 //! see they agree. Slow on purpose: no state, no rollups, no cleverness.
 
+// Written to read like the definitions ("the latest … up to t" = `.filter(..).last()`).
+#![allow(clippy::double_ended_iterator_last, clippy::type_complexity)]
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use keytrail_collector::config::Plan;
@@ -767,7 +770,7 @@ pub fn compute(events: &[Event], catalog: &BTreeMap<String, Plan>, q: &Query) ->
 }
 
 /// The health score of a live license at `at`, with its reasons in the spec's order.
-fn health<'a>(w: &World, l: &'a str, at: i64) -> (i64, String, Vec<&'static str>) {
+fn health(w: &World, l: &str, at: i64) -> (i64, String, Vec<&'static str>) {
     let of: Vec<Ev> = w.of(l).into_iter().filter(|x| x.e.time <= at).collect();
     let valid: Vec<i64> = of
         .iter()
