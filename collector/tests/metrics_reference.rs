@@ -3,9 +3,13 @@
 //! Generated license traffic — late and out-of-order events, time ties, duplicate ids and
 //! duplicate batches, events with and without their own dimensions, usage reports, activations,
 //! status changes — goes through the real store (dedup, rollups, sled). Every metric, with and
-//! without each `by`, over several windows and `at` instants, must equal what
-//! `reference/mod.rs` computes from the raw event list; then again after reopening the store.
+//! without each `by`, over several windows and `at` instants, must equal what each of two plain
+//! references computes from the raw event list; then again after reopening the store.
+//! `reference/mod.rs` was written beside the engine and quotes each definition;
+//! `independent/mod.rs` was written by someone who never saw the engine, from `spec/metrics.md`
+//! and `docs/metrics.md` alone — so a misreading shared with the engine shows up as a disagreement.
 
+mod independent;
 mod reference;
 
 use std::collections::BTreeMap;
@@ -233,34 +237,56 @@ fn compare(store: &Store, events: &[Event], questions: &Questions) -> usize {
                     below,
                 };
                 let got: Vec<Value> = store.metric(&q).unwrap().iter().map(|r| r.to_value()).collect();
-                let want = reference::compute(
-                    events,
-                    &catalog,
-                    &reference::Query {
-                        metric: metric.name(),
-                        from_day: from as i64,
-                        to_day: to as i64,
-                        at,
-                        by: by.map(Dim::as_str),
-                        below,
-                    },
-                );
-                let same = got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| close(g, w));
-                if !same {
-                    let first = got
-                        .iter()
-                        .zip(&want)
-                        .position(|(g, w)| !close(g, w))
-                        .unwrap_or(got.len().min(want.len()));
-                    panic!(
-                        "{} by={:?} from={from} to={to} at={at}: {} rows vs reference {}; first difference at row {first}:\n  got       {}\n  reference {}",
-                        metric.name(),
-                        by.map(Dim::as_str),
-                        got.len(),
-                        want.len(),
-                        got.get(first).map_or("-".into(), |v| v.to_string()),
-                        want.get(first).map_or("-".into(), |v| v.to_string()),
-                    );
+                let references = [
+                    (
+                        "reference",
+                        reference::compute(
+                            events,
+                            &catalog,
+                            &reference::Query {
+                                metric: metric.name(),
+                                from_day: from as i64,
+                                to_day: to as i64,
+                                at,
+                                by: by.map(Dim::as_str),
+                                below,
+                            },
+                        ),
+                    ),
+                    (
+                        "independent",
+                        independent::compute(
+                            events,
+                            &catalog,
+                            &independent::Query {
+                                metric: metric.name(),
+                                from_day: from as i64,
+                                to_day: to as i64,
+                                at,
+                                by: by.map(Dim::as_str),
+                                below,
+                            },
+                        ),
+                    ),
+                ];
+                for (name, want) in &references {
+                    let same = got.len() == want.len() && got.iter().zip(want).all(|(g, w)| close(g, w));
+                    if !same {
+                        let first = got
+                            .iter()
+                            .zip(want)
+                            .position(|(g, w)| !close(g, w))
+                            .unwrap_or(got.len().min(want.len()));
+                        panic!(
+                            "{} by={:?} from={from} to={to} at={at}: {} rows vs {name} {}; first difference at row {first}:\n  got       {}\n  {name:<9} {}",
+                            metric.name(),
+                            by.map(Dim::as_str),
+                            got.len(),
+                            want.len(),
+                            got.get(first).map_or("-".into(), |v| v.to_string()),
+                            want.get(first).map_or("-".into(), |v| v.to_string()),
+                        );
+                    }
                 }
                 checked += 1;
             }

@@ -671,7 +671,8 @@ impl Analytics {
                     continue;
                 }
                 let mut r = Row::default().with("country", countries.names[c]);
-                if let Some(d) = q.by {
+                // by=country groups by the row's own key: the column is printed once.
+                if let Some(d) = q.by.filter(|&d| d != Dim::Country) {
                     r = r.with(d.as_str(), groups.names[g]);
                 }
                 rows.push(

@@ -237,6 +237,25 @@ fn geo_feature_usage_and_active_users() {
             json!({"country": "US", "validations": 1, "failed": 0, "active_licenses": 1}),
         ]
     );
+    // by=country: the country column once, not twice.
+    let q = MetricQuery {
+        metric: Metric::Geo,
+        from_day: day0(),
+        to_day: day0() + 1,
+        at: at(9, 0),
+        by: Some(Dim::Country),
+        below: 50.0,
+    };
+    let keys: Vec<Vec<&str>> =
+        b.a.query(&q)
+            .unwrap()
+            .iter()
+            .map(|r| r.0.iter().map(|(k, _)| *k).collect())
+            .collect();
+    assert_eq!(
+        keys,
+        vec![vec!["country", "validations", "failed", "active_licenses"]; 2]
+    );
     let r = b.rows(Metric::FeatureUsage, 0, 1, at(9, 0), None);
     assert_eq!(
         r,
