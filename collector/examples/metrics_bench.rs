@@ -8,8 +8,8 @@
 //! days and LICENSES (default 10,000) licenses with skewed popularity, through the real store
 //! (dedup, rollups, group commit, fsync) in batches of 5,000, and reports events/s. Then asks
 //! every metric 30 times with dashboard-like parameters (30-day window, `at` = end of data;
-//! then by plan) and prints p50/p99 latency. Reopening the store (rollups loaded back) is timed
-//! too. Prints Markdown rows for docs/benchmarks.md.
+//! then by plan) and prints p50/p99 latency. Disk use, RSS, the final snapshot and reopening the
+//! store (analytics loaded back) are measured too. Prints Markdown rows for docs/benchmarks.md.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -103,6 +103,30 @@ impl Gen {
     }
 }
 
+/// Bytes under `dir`, recursively.
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// A line of /proc/self/status, e.g. `VmHWM` (peak RSS) or `VmRSS`, in MiB.
+fn proc_mib(field: &str) -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 fn pct(v: &mut [Duration], p: usize) -> f64 {
     v.sort();
     let i = (v.len() * p).div_ceil(100).max(1) - 1;
@@ -125,6 +149,7 @@ async fn main() {
         dedup_window: Duration::from_secs(3650 * 86400),
         raw_events: Duration::from_secs(3650 * 86400),
         plans: plans(),
+        snapshot_every: keytrail_collector::store::DEFAULT_SNAPSHOT_EVENTS,
     };
     let start_day = days_from_civil(2026, 8);
     let mut gen = Gen {
@@ -189,15 +214,32 @@ async fn main() {
         "ingest with aggregation: {stored} events in {secs:.1} s = {:.0} events/s ({lic} licenses, {cells} cells, {days} days)",
         stored as f64 / secs
     );
+    println!(
+        "after ingest: {:.2} GB on disk, RSS {:.0} MiB (peak {:.0} MiB)",
+        disk_bytes(&dir) as f64 / 1e9,
+        proc_mib("VmRSS:"),
+        proc_mib("VmHWM:")
+    );
     drop(writer);
     while Arc::strong_count(&store) > 1 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let t = Instant::now();
     store.close();
     drop(store);
+    println!(
+        "close (flush + final snapshot): {:.1} s; snapshot {:.1} MB",
+        t.elapsed().as_secs_f64(),
+        std::fs::metadata(dir.join("analytics.snap")).map_or(0, |m| m.len()) as f64 / 1e6
+    );
     let t = Instant::now();
     let store = Store::open(&dir, options).unwrap();
-    println!("reopen (rollups loaded): {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "reopen: {:.1} s ({:?}); RSS {:.0} MiB",
+        t.elapsed().as_secs_f64(),
+        store.analytics_origin(),
+        proc_mib("VmRSS:")
+    );
 
     let end_day = start_day + days as i32 - 1;
     let at = (end_day as i64 + 1) * NANOS_PER_DAY - 1;

@@ -46,6 +46,7 @@ pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
         dedup_window: config.dedup_window,
         raw_events: config.raw_events,
         plans: config.plans.clone(),
+        snapshot_every: crate::store::DEFAULT_SNAPSHOT_EVENTS,
     };
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, options)).await??;
     let writer = store.start_writer();

@@ -21,7 +21,10 @@
 //! | `a` ‖ agent | last_seen ‖ events u64: per-agent stats |
 //! | `c.<name>` | u64: counters of `/v1/stats` |
 //! | `m.next_store_seq` | u64 |
-//! | `x…` | analytics records: per-license state, per-day cells, variants ([`crate::analytics`]) |
+//! | `j` ‖ first store_seq u64 | count u32 ‖ time i64 × count: the analytics journal — the events a group stored (store sequences `first..first+count`), until a snapshot covers them |
+//!
+//! Beside sled, `analytics.snap` holds the analytics snapshot: `KTASNAP1` ‖ zstd(the bytes of
+//! [`Analytics::snapshot`], which name the store sequence they cover).
 //!
 //! # Rules
 //!
@@ -31,9 +34,16 @@
 //!   The same key with a different checksum means an agent lost its database and reused a
 //!   sequence: its events go through the per-event check instead (logged).
 //! * An event whose id is in `i` is a duplicate: counted, not stored.
-//! * Analytics are applied for exactly the events stored (never a duplicate), and their
-//!   changed records join the group's atomic batch: rollups never disagree with the events.
-//!   If the batch cannot be applied, the in-memory analytics are reloaded from sled.
+//! * Analytics are applied for exactly the events stored (never a duplicate), after the group's
+//!   batch (with its journal entry) is in sled: rollups never disagree with the events. The
+//!   writer snapshots the analytics every `snapshot_every` stored events (or 10 minutes) right
+//!   after a flush, so a snapshot never covers an event that is not durable; a background
+//!   thread compresses it, writes it beside sled (temporary file, fsync, rename, fsync of the
+//!   directory) and then deletes the journal entries it covers. On open: the snapshot, then
+//!   the journal entries after it, each event read back from `e` and applied again. Without a
+//!   usable snapshot and an unbroken journal from it to `m.next_store_seq` (damaged snapshot,
+//!   a store of an earlier format), the analytics are rebuilt from the raw events — which no
+//!   longer include what retention purged — and snapshotted at once.
 //! * Retention: `e`/`l` entries older than `retention.raw_events` (by event time) and
 //!   `i`/`b` entries stored longer ago than `retention.dedup_window` are deleted by a
 //!   background purge. Counters are never decremented by retention.
@@ -42,16 +52,18 @@
 //!
 //! Before the apply: nothing of the group is stored, the agents got no 200 and resend. After
 //! the apply, before the flush: sled recovers the group entirely or not at all (one atomic
-//! batch). After the flush, before the answer: the agent resends and gets a 200 as a
-//! duplicate. A database that cannot be opened stops the collector with the reason (unlike the
+//! batch), journal entry included. After the flush, before the answer: the agent resends and
+//! gets a 200 as a duplicate. While a snapshot is written: the old snapshot stays until the
+//! rename, and journal entries are only deleted after it; entries a snapshot covers are
+//! skipped on open. A database that cannot be opened stops the collector with the reason (unlike the
 //! agent's buffer, this is the system of record: moving it aside would hide data from the
 //! operator).
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bincode::{Decode, Encode};
 use keytrail_common::event::{Deployment, Event, EventType, ResultCode, Usage};
@@ -62,10 +74,20 @@ use tokio::sync::{mpsc, oneshot};
 use crate::analytics::{self, Analytics, MetricQuery, QueryError, Row};
 use crate::config::Plan;
 use crate::dedup;
+use std::io::{Read, Write};
 
 const RECORD_VERSION: u8 = 1;
 const MAX_GROUP_EVENTS: usize = 500_000;
 const WRITER_QUEUE: usize = 256;
+/// The analytics snapshot, in the data directory beside sled's `store/`.
+const SNAPSHOT_FILE: &str = "analytics.snap";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"KTASNAP1";
+/// A snapshot is also taken when this long has passed with new events since the last one.
+const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(600);
+/// Stored events between snapshots, unless configured otherwise.
+pub const DEFAULT_SNAPSHOT_EVENTS: u64 = 1_000_000;
+/// The most a snapshot may decompress to (a damaged or hostile file cannot exhaust memory).
+const MAX_SNAPSHOT_BYTES: u64 = 32 << 30;
 
 /// Counter names, persisted as `c.<name>` and served by `/v1/stats`.
 pub const COUNTERS: [&str; 5] = [
@@ -86,8 +108,6 @@ pub enum StoreError {
     Write(String),
     #[error("the store is shutting down")]
     Closed,
-    #[error(transparent)]
-    Analytics(#[from] analytics::RecordError),
 }
 
 /// A decoded batch, with who sent it.
@@ -329,6 +349,32 @@ pub struct Store {
     dedup_window: Duration,
     raw_events: Duration,
     analytics: RwLock<Analytics>,
+    dir: PathBuf,
+    snapshot_every: u64,
+    origin: AnalyticsOrigin,
+    snapshots: SnapshotState,
+}
+
+/// How [`Store::open`] got the analytics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnalyticsOrigin {
+    /// From `analytics.snap` (covering store sequences below `covers`, 0 without a snapshot),
+    /// then `replayed` events of the journal.
+    Snapshot { covers: u64, replayed: u64 },
+    /// Rebuilt from `events` raw events, for `reason`.
+    Rebuilt { events: u64, reason: String },
+}
+
+/// Bookkeeping of the analytics snapshots.
+struct SnapshotState {
+    /// Events stored (and applied) since the last snapshot was taken.
+    since: AtomicU64,
+    /// When the last snapshot was taken.
+    taken_at: Mutex<Instant>,
+    /// The store sequence the newest written snapshot covers; held while one is written.
+    written: Mutex<u64>,
+    /// A snapshot is being compressed and written in the background.
+    busy: AtomicBool,
 }
 
 /// Size of the analytics state, for `/metrics`.
@@ -347,15 +393,178 @@ pub struct StoreOptions {
     pub raw_events: Duration,
     /// The plan catalog, for MRR and utilization limits.
     pub plans: BTreeMap<String, Plan>,
+    /// Stored events between analytics snapshots ([`DEFAULT_SNAPSHOT_EVENTS`]).
+    pub snapshot_every: u64,
 }
 
-fn load_analytics(db: &sled::Db, plans: BTreeMap<String, Plan>) -> Result<Analytics, StoreError> {
-    let mut records = Vec::new();
-    for item in db.scan_prefix(analytics::KEY_PREFIX) {
-        let (k, v) = item?;
-        records.push((k.to_vec(), v.to_vec()));
+fn journal_key(first_seq: u64) -> [u8; 9] {
+    let mut k = [b'j'; 9];
+    k[1..].copy_from_slice(&first_seq.to_be_bytes());
+    k
+}
+
+/// A journal entry: `(first store sequence, event times)`.
+fn decode_journal(k: &[u8], v: &[u8]) -> Option<(u64, Vec<i64>)> {
+    if k.len() != 9 || v.len() < 4 {
+        return None;
     }
-    Ok(Analytics::load(plans, records.into_iter())?)
+    let n = u32::from_be_bytes(v[..4].try_into().expect("4 bytes")) as usize;
+    if v.len() != 4 + 8 * n {
+        return None;
+    }
+    let times = v[4..]
+        .chunks_exact(8)
+        .map(|c| i64::from_be_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    Some((be_u64(&k[1..]), times))
+}
+
+/// Reads `analytics.snap`: `Ok(None)` when there is none.
+fn read_snapshot(path: &Path, plans: &BTreeMap<String, Plan>) -> Result<Option<Analytics>, String> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut file = std::io::BufReader::new(file);
+    let mut magic = [0u8; 8];
+    file.read_exact(&mut magic).map_err(|e| format!("header: {e}"))?;
+    if &magic != SNAPSHOT_MAGIC {
+        return Err("not a keytrail analytics snapshot (bad magic)".into());
+    }
+    let decoder = zstd::stream::read::Decoder::new(file).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    decoder
+        .take(MAX_SNAPSHOT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("decompressing: {e}"))?;
+    if bytes.len() as u64 > MAX_SNAPSHOT_BYTES {
+        return Err(format!("decompresses to more than {MAX_SNAPSHOT_BYTES} bytes"));
+    }
+    Analytics::from_snapshot(plans.clone(), &bytes)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+/// The analytics as of everything stored: the snapshot plus the journal after it, or a rebuild
+/// from the raw events.
+fn open_analytics(
+    db: &sled::Db,
+    dir: &Path,
+    plans: &BTreeMap<String, Plan>,
+    next_seq: u64,
+) -> Result<(Analytics, AnalyticsOrigin), StoreError> {
+    // Stores of an earlier format kept per-record analytics under `x`: drop them, rebuild.
+    let mut legacy = false;
+    loop {
+        let mut w = sled::Batch::default();
+        let mut n = 0;
+        for item in db.scan_prefix(b"x").take(10_000) {
+            w.remove(item?.0);
+            n += 1;
+        }
+        if n == 0 {
+            break;
+        }
+        legacy = true;
+        db.apply_batch(w)?;
+    }
+    let _ = std::fs::remove_file(dir.join(format!("{SNAPSHOT_FILE}.tmp")));
+    let mut why_rebuild = legacy.then(|| "the store holds analytics records of an earlier format".to_string());
+    let mut a = Analytics::new(plans.clone());
+    if why_rebuild.is_none() {
+        match read_snapshot(&dir.join(SNAPSHOT_FILE), plans) {
+            Ok(Some(snap)) => a = snap,
+            Ok(None) => {}
+            Err(e) => why_rebuild = Some(format!("{SNAPSHOT_FILE} is unusable: {e}")),
+        }
+    }
+    let start = a.applied_through();
+    if why_rebuild.is_none() && start > next_seq {
+        why_rebuild = Some(format!(
+            "{SNAPSHOT_FILE} covers store sequence {start}, past what the store holds ({next_seq})"
+        ));
+    }
+    // The journal must run unbroken from the snapshot to the end of the store.
+    let mut entries = Vec::new();
+    if why_rebuild.is_none() {
+        let mut expected = start;
+        for item in db.scan_prefix(b"j") {
+            let (k, v) = item?;
+            let Some((first, times)) = decode_journal(&k, &v) else {
+                why_rebuild = Some(format!("journal entry {} is malformed", hex::encode(&k)));
+                break;
+            };
+            if first < start {
+                continue; // covered by the snapshot
+            }
+            if first != expected {
+                why_rebuild = Some(format!("the journal jumps from store sequence {expected} to {first}"));
+                break;
+            }
+            expected = first + times.len() as u64;
+            entries.push((first, times));
+        }
+        if why_rebuild.is_none() && expected != next_seq {
+            why_rebuild = Some(format!(
+                "the journal ends at store sequence {expected}, the store at {next_seq}"
+            ));
+        }
+    }
+    if let Some(reason) = why_rebuild {
+        if next_seq > 0 || legacy {
+            tracing::warn!(%reason, "rebuilding the analytics from the stored raw events (events purged by retention are no longer counted)");
+        }
+        let started = Instant::now();
+        let mut a = Analytics::new(plans.clone());
+        let mut n = 0u64;
+        // In (time, store sequence) order no event is late: no successor is ever looked up.
+        for item in db.scan_prefix(b"e") {
+            let (k, v) = item?;
+            let seq = be_u64(&k[9..17]);
+            if let Some(e) = decode_event(&v) {
+                a.apply(&e, seq, &StoredHistory { db, before: seq });
+                n += 1;
+            }
+        }
+        a.set_applied_through(next_seq);
+        if next_seq > 0 {
+            tracing::info!(
+                events = n,
+                seconds = started.elapsed().as_secs_f64(),
+                "analytics rebuilt"
+            );
+        }
+        return Ok((a, AnalyticsOrigin::Rebuilt { events: n, reason }));
+    }
+    let started = Instant::now();
+    let mut replayed = 0u64;
+    for (first, times) in entries {
+        for (i, t) in times.into_iter().enumerate() {
+            let seq = first + i as u64;
+            match db.get(event_key(t, seq))?.as_deref().and_then(decode_event) {
+                Some(e) => a.apply(&e, seq, &StoredHistory { db, before: seq }),
+                None => a.count_inexact(), // purged by retention before the replay
+            }
+            replayed += 1;
+        }
+    }
+    a.set_applied_through(next_seq);
+    if replayed > 0 {
+        tracing::info!(
+            snapshot_covers = start,
+            replayed,
+            seconds = started.elapsed().as_secs_f64(),
+            "analytics loaded: snapshot plus journal"
+        );
+    }
+    Ok((
+        a,
+        AnalyticsOrigin::Snapshot {
+            covers: start,
+            replayed,
+        },
+    ))
 }
 
 impl Store {
@@ -365,6 +574,7 @@ impl Store {
             dedup_window,
             raw_events,
             plans,
+            snapshot_every,
         } = options;
         let err = |message: String| StoreError::Open {
             path: dir.display().to_string(),
@@ -396,8 +606,12 @@ impl Store {
             }
         }
         let next = db.get(b"m.next_store_seq")?.map_or(0, |v| be_u64(&v));
-        let analytics = load_analytics(&db, plans).map_err(|e| err(e.to_string()))?;
-        Ok(Arc::new(Store {
+        let (analytics, origin) = open_analytics(&db, dir, &plans, next).map_err(|e| err(e.to_string()))?;
+        let snapshot = match &origin {
+            AnalyticsOrigin::Snapshot { covers, .. } => Some(*covers),
+            AnalyticsOrigin::Rebuilt { .. } => None,
+        };
+        let store = Arc::new(Store {
             db,
             log_file,
             totals: Mutex::new(totals),
@@ -406,7 +620,28 @@ impl Store {
             dedup_window,
             raw_events,
             analytics: RwLock::new(analytics),
-        }))
+            dir: dir.to_path_buf(),
+            snapshot_every: snapshot_every.max(1),
+            origin,
+            snapshots: SnapshotState {
+                since: AtomicU64::new(next - snapshot.unwrap_or(next)),
+                taken_at: Mutex::new(Instant::now()),
+                written: Mutex::new(snapshot.unwrap_or(0)),
+                busy: AtomicBool::new(false),
+            },
+        });
+        if snapshot.is_none() && next > 0 {
+            // A rebuild is slow: keep its result (and start a fresh journal).
+            store
+                .snapshot_now()
+                .map_err(|e| err(format!("writing the rebuilt analytics snapshot: {e}")))?;
+        }
+        Ok(store)
+    }
+
+    /// How the analytics were loaded when the store was opened.
+    pub fn analytics_origin(&self) -> &AnalyticsOrigin {
+        &self.origin
     }
 
     /// Answers a metric from the rollups.
@@ -456,18 +691,31 @@ impl Store {
             .collect()
     }
 
-    /// Starts the single writer thread.
+    /// Starts the single writer thread, and the thread that writes its analytics snapshots.
     pub fn start_writer(self: &Arc<Self>) -> StoreWriter {
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let (snap_tx, snap_rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(1);
         let store = Arc::clone(self);
         std::thread::Builder::new()
             .name("keytrail-store-writer".into())
-            .spawn(move || store.writer_loop(rx))
+            .spawn(move || store.writer_loop(rx, snap_tx))
             .expect("spawning the store writer");
+        let store = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("keytrail-snapshot".into())
+            .spawn(move || {
+                for (seq, bytes) in snap_rx {
+                    if let Err(e) = store.write_snapshot(seq, &bytes) {
+                        tracing::error!(error = %e, "writing the analytics snapshot failed; the journal keeps the events");
+                    }
+                    store.snapshots.busy.store(false, Ordering::Relaxed);
+                }
+            })
+            .expect("spawning the snapshot writer");
         StoreWriter { tx }
     }
 
-    fn writer_loop(&self, mut rx: mpsc::Receiver<Job>) {
+    fn writer_loop(&self, mut rx: mpsc::Receiver<Job>, snapshots: std::sync::mpsc::SyncSender<(u64, Vec<u8>)>) {
         let mut group = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             let mut events = first.batch.events.len();
@@ -488,6 +736,7 @@ impl Store {
                     for (job, outcome) in jobs.into_iter().zip(outcomes) {
                         let _ = job.reply.send(Ok(outcome));
                     }
+                    self.maybe_snapshot(&snapshots);
                 }
                 Err(e) => {
                     self.writable.store(false, Ordering::Relaxed);
@@ -498,6 +747,88 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// Called by the writer right after a successful flush, so the state it serializes is
+    /// durable: takes a snapshot when enough events (or time) have gone by, and hands it to the
+    /// snapshot thread. The writer pauses only for the serialization, not the disk.
+    fn maybe_snapshot(&self, to: &std::sync::mpsc::SyncSender<(u64, Vec<u8>)>) {
+        let sn = &self.snapshots;
+        let since = sn.since.load(Ordering::Relaxed);
+        let due = since >= self.snapshot_every
+            || (since > 0 && sn.taken_at.lock().expect("snapshot time").elapsed() >= SNAPSHOT_INTERVAL);
+        if !due || sn.busy.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let (seq, bytes) = {
+            let a = self.analytics.read().expect("analytics lock");
+            (a.applied_through(), a.snapshot())
+        };
+        sn.since.store(0, Ordering::Relaxed);
+        *sn.taken_at.lock().expect("snapshot time") = Instant::now();
+        if to.try_send((seq, bytes)).is_err() {
+            sn.busy.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Flushes, then snapshots the analytics synchronously (open after a rebuild, close).
+    fn snapshot_now(&self) -> Result<(), StoreError> {
+        let (seq, bytes) = {
+            // Holding the read lock keeps the writer from applying a group the flush below
+            // might not cover.
+            let a = self.analytics.read().expect("analytics lock");
+            self.db.flush()?;
+            if a.applied_through() == *self.snapshots.written.lock().expect("snapshot") {
+                return Ok(());
+            }
+            (a.applied_through(), a.snapshot())
+        };
+        self.snapshots.since.store(0, Ordering::Relaxed);
+        self.write_snapshot(seq, &bytes)
+    }
+
+    /// Writes a snapshot covering store sequences below `seq` (unless a newer one is on disk),
+    /// then deletes the journal entries it covers.
+    fn write_snapshot(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        let mut written = self.snapshots.written.lock().expect("snapshot");
+        if seq <= *written && seq != 0 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let path = self.dir.join(SNAPSHOT_FILE);
+        let tmp = self.dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+        let io = |what: &str, e: std::io::Error| StoreError::Write(format!("{what} {}: {e}", tmp.display()));
+        let compressed = {
+            let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
+            f.write_all(SNAPSHOT_MAGIC).map_err(|e| io("writing", e))?;
+            let mut z = zstd::stream::write::Encoder::new(std::io::BufWriter::new(&mut f), 1)
+                .map_err(|e| io("compressing", e))?;
+            z.write_all(bytes).map_err(|e| io("writing", e))?;
+            z.finish().and_then(|mut w| w.flush()).map_err(|e| io("writing", e))?;
+            f.sync_all().map_err(|e| io("syncing", e))?;
+            f.metadata().map(|m| m.len()).unwrap_or(0)
+        };
+        std::fs::rename(&tmp, &path).map_err(|e| io("renaming", e))?;
+        if let Ok(d) = std::fs::File::open(&self.dir) {
+            d.sync_all().map_err(|e| io("syncing the directory of", e))?;
+        }
+        *written = seq;
+        drop(written);
+        // The journal entries the snapshot covers; losing these deletes to a crash is harmless
+        // (entries below the snapshot are skipped on open).
+        let mut w = sled::Batch::default();
+        for item in self.db.range(journal_key(0)..journal_key(seq)) {
+            w.remove(item?.0);
+        }
+        self.db.apply_batch(w)?;
+        tracing::info!(
+            covers = seq,
+            bytes = bytes.len(),
+            compressed,
+            seconds = started.elapsed().as_secs_f64(),
+            "analytics snapshot written"
+        );
+        Ok(())
     }
 
     /// Dedups and stores a group of batches in one atomic batch and one flush.
@@ -597,28 +928,32 @@ impl Store {
             w.insert(k, v);
         }
         w.insert(b"m.next_store_seq" as &[u8], &seq.to_be_bytes());
+        if let Some((_, first)) = stored.first() {
+            let mut j = Vec::with_capacity(4 + 8 * stored.len());
+            j.extend_from_slice(&(stored.len() as u32).to_be_bytes());
+            for (e, _) in &stored {
+                j.extend_from_slice(&e.time.to_be_bytes());
+            }
+            w.insert(journal_key(*first).to_vec(), j);
+        }
+        self.db.apply_batch(w)?;
         {
+            // The group is in sled now (the successor lookups of late events read it; they
+            // only see events stored before the one being applied).
             let mut a = self.analytics.write().expect("analytics lock");
-            for (i, (e, seq)) in stored.iter().enumerate() {
-                let history = StoredHistory {
-                    store: self,
-                    pending: &stored[..i],
-                };
-                a.apply(e, *seq, &history);
+            for (e, s) in &stored {
+                a.apply(
+                    e,
+                    *s,
+                    &StoredHistory {
+                        db: &self.db,
+                        before: *s,
+                    },
+                );
             }
-            for (k, v) in a.take_dirty() {
-                w.insert(k, v);
-            }
+            a.set_applied_through(seq);
         }
-        if let Err(e) = self.db.apply_batch(w) {
-            // The in-memory analytics already hold this group: go back to what sled holds.
-            let plans = self.analytics.read().expect("analytics lock").catalog().clone();
-            match load_analytics(&self.db, plans) {
-                Ok(a) => *self.analytics.write().expect("analytics lock") = a,
-                Err(le) => tracing::error!(error = %le, "reloading analytics after a failed write failed"),
-            }
-            return Err(e);
-        }
+        self.snapshots.since.fetch_add(stored.len() as u64, Ordering::Relaxed);
         // sled holds the group in memory now: advance the in-memory mirror before flushing, so
         // a failed flush cannot make the next group reuse store sequences or write counters
         // that go backwards. The agents only get their 200 after the flush.
@@ -752,49 +1087,44 @@ impl Store {
         Ok((raw, dedup))
     }
 
+    /// Final flush, and a snapshot so the next open needs no replay.
     pub fn close(&self) {
-        if let Err(e) = self.db.flush() {
-            tracing::error!(error = %e, "final store flush failed");
+        if let Err(e) = self.snapshot_now() {
+            tracing::error!(error = %e, "final store flush or analytics snapshot failed");
         }
     }
 }
 
-/// A late event's successor, from the raw events and the group being applied
-/// ([`analytics::History`]).
+/// A late event's successor, from the raw events ([`analytics::History`]): the first event of
+/// the license after the given time that was stored before the event being applied.
 struct StoredHistory<'a> {
-    store: &'a Store,
-    /// The group's events applied so far (not yet in sled).
-    pending: &'a [(&'a Event, u64)],
+    db: &'a sled::Db,
+    /// The store sequence of the event being applied.
+    before: u64,
 }
 
 impl analytics::History for StoredHistory<'_> {
     fn next_after(&self, license: &str, after: UnixNanos, carries: &dyn Fn(&Event) -> bool) -> Option<(u64, Event)> {
-        let mut best: Option<(u64, Event)> = self
-            .pending
-            .iter()
-            .filter(|(e, _)| e.license.as_deref() == Some(license) && e.time > after && carries(e))
-            .min_by_key(|(e, s)| (e.time, *s))
-            .map(|(e, s)| (*s, (*e).clone()));
         if after == i64::MAX {
-            return best;
+            return None;
         }
         let start = license_key(license, after + 1, 0);
-        let end = license_key(license, best.as_ref().map_or(i64::MAX, |b| b.1.time), u64::MAX);
-        for item in self.store.db.range(start..=end) {
+        let end = license_key(license, i64::MAX, u64::MAX);
+        for item in self.db.range(start..=end) {
             let Ok((k, _)) = item else { break };
             let rest = &k[k.len() - 16..];
             let (t, seq) = (time_from_key(&rest[..8]), be_u64(&rest[8..16]));
-            let Ok(Some(v)) = self.store.db.get(event_key(t, seq)) else {
+            if seq >= self.before {
+                continue;
+            }
+            let Ok(Some(v)) = self.db.get(event_key(t, seq)) else {
                 continue;
             };
             if let Some(e) = decode_event(&v).filter(|e| carries(e)) {
-                if best.as_ref().is_none_or(|b| (t, seq) < (b.1.time, b.0)) {
-                    best = Some((seq, e));
-                }
-                break;
+                return Some((seq, e));
             }
         }
-        best
+        None
     }
 }
 
@@ -857,6 +1187,7 @@ mod tests {
             dedup_window: DAY,
             raw_events: DAY,
             plans: BTreeMap::new(),
+            snapshot_every: DEFAULT_SNAPSHOT_EVENTS,
         }
     }
 
@@ -973,6 +1304,192 @@ mod tests {
         // Ids are kept for the dedup window after they were stored, then forgotten.
         let (_, dedup) = s.purge(now + 2 * 86_400_000_000_000).unwrap();
         assert_eq!(dedup, 3, "two ids and one batch key");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Varied events for the analytics: plans, statuses, features, late arrivals.
+    fn analytics_events(n: usize, seed: u64) -> Vec<Event> {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let base = 20_000 * 86_400_000_000_000i64;
+        (0..n)
+            .map(|i| {
+                let ty = [
+                    EventType::Validated,
+                    EventType::Validated,
+                    EventType::Issued,
+                    EventType::Activated,
+                    EventType::Upgraded,
+                    EventType::FeatureChecked,
+                    EventType::Suspended,
+                ][rng.usize(..7)];
+                let mut e = Event::new(
+                    format!("e{seed}-{i}"),
+                    ty,
+                    base + rng.i64(0..20 * 86_400_000_000_000),
+                    "a",
+                );
+                e.license = Some(format!("l{}", rng.usize(..12)));
+                e.plan = [None, Some("basic".into()), Some("pro".into())][rng.usize(..3)].clone();
+                e.country = [None, Some("DE".into()), Some("SE".into())][rng.usize(..3)].clone();
+                e.user = Some(format!("u{}", rng.usize(..5)));
+                e
+            })
+            .collect()
+    }
+
+    /// Every metric (with and without one `by`) and every license's detail, as JSON text.
+    fn answers(s: &Store) -> Vec<String> {
+        let day = |d| 20_000 + d;
+        let mut out = Vec::new();
+        for metric in analytics::Metric::ALL {
+            for by in [None, Some(analytics::Dim::Plan)] {
+                if by.is_some() && !metric.takes_by() {
+                    continue;
+                }
+                let q = MetricQuery {
+                    metric,
+                    from_day: day(0),
+                    to_day: day(25),
+                    at: day(15) as i64 * 86_400_000_000_000,
+                    by,
+                    below: 90.0,
+                };
+                out.push(format!("{} {:?}", metric.name(), s.metric(&q).unwrap()));
+            }
+        }
+        for l in 0..12 {
+            out.push(format!("{:?}", s.license(&format!("l{l}"), i64::MAX)));
+        }
+        out
+    }
+
+    async fn stop(s: &Arc<Store>, w: StoreWriter) {
+        drop(w);
+        while Arc::strong_count(s) > 1 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn opts_every(snapshot_every: u64) -> StoreOptions {
+        StoreOptions {
+            dedup_window: 3650 * DAY,
+            raw_events: 3650 * DAY,
+            snapshot_every,
+            ..opts()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn analytics_reopen_from_snapshot_journal_or_rebuild_gives_the_same_answers() {
+        let dir = tmp("snap");
+        let events = analytics_events(400, 1);
+        // Journal only (no snapshot yet), no close: everything is replayed from the journal.
+        let live = {
+            let s = Store::open(&dir, opts_every(u64::MAX)).unwrap();
+            let w = s.start_writer();
+            for (i, chunk) in events.chunks(40).enumerate() {
+                w.ingest(batch(i as u64, i as u32, chunk.to_vec())).await.unwrap();
+            }
+            stop(&s, w).await;
+            answers(&s)
+        };
+        assert!(
+            live.iter().any(|a| a.contains("\"validations\"")),
+            "non-trivial answers"
+        );
+        {
+            let s = Store::open(&dir, opts_every(u64::MAX)).unwrap();
+            assert_eq!(
+                s.analytics_origin(),
+                &AnalyticsOrigin::Snapshot {
+                    covers: 0,
+                    replayed: 400
+                }
+            );
+            assert_eq!(answers(&s), live);
+            s.close(); // writes the snapshot
+        }
+        assert!(dir.join(SNAPSHOT_FILE).exists());
+        let old_snapshot = std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap();
+        // Snapshot plus a journal tail; background snapshots every 100 events on the way.
+        let live = {
+            let s = Store::open(&dir, opts_every(100)).unwrap();
+            assert_eq!(
+                s.analytics_origin(),
+                &AnalyticsOrigin::Snapshot {
+                    covers: 400,
+                    replayed: 0
+                }
+            );
+            let w = s.start_writer();
+            for (i, chunk) in analytics_events(330, 2).chunks(30).enumerate() {
+                w.ingest(batch(100 + i as u64, i as u32, chunk.to_vec())).await.unwrap();
+            }
+            stop(&s, w).await;
+            answers(&s)
+        };
+        let s = Store::open(&dir, opts_every(100)).unwrap();
+        match s.analytics_origin() {
+            AnalyticsOrigin::Snapshot { covers, replayed } => {
+                assert!(*covers > 400 && covers + replayed == 730, "{covers} + {replayed}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(answers(&s), live);
+        drop(s);
+        // An older snapshot whose journal was deleted (a gap, or none left): a rebuild.
+        std::fs::write(dir.join(SNAPSHOT_FILE), &old_snapshot).unwrap();
+        let s = Store::open(&dir, opts_every(100)).unwrap();
+        match s.analytics_origin() {
+            AnalyticsOrigin::Rebuilt { events: 730, reason } => assert!(reason.contains("journal"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(answers(&s), live);
+        drop(s);
+        // The rebuild was snapshotted at once.
+        let s = Store::open(&dir, opts_every(100)).unwrap();
+        assert_eq!(
+            s.analytics_origin(),
+            &AnalyticsOrigin::Snapshot {
+                covers: 730,
+                replayed: 0
+            }
+        );
+        drop(s);
+        // A damaged snapshot (a flipped byte, garbage, a truncation): a rebuild naming why.
+        let good = std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap();
+        let mut flipped = good.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x40;
+        for (bad, why) in [
+            (flipped, ""),
+            (b"garbage!garbage".to_vec(), "bad magic"),
+            (good[..good.len() / 3].to_vec(), ""),
+        ] {
+            std::fs::write(dir.join(SNAPSHOT_FILE), &bad).unwrap();
+            let s = Store::open(&dir, opts_every(100)).unwrap();
+            match s.analytics_origin() {
+                AnalyticsOrigin::Rebuilt { events: 730, reason } => {
+                    assert!(reason.contains("unusable") && reason.contains(why), "{reason}")
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(answers(&s), live);
+        }
+        // Records of the earlier per-record format are dropped and the state rebuilt.
+        {
+            let s = Store::open(&dir, opts_every(100)).unwrap();
+            s.db.insert(b"xl\0\0\0\0", b"old".to_vec()).unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = Store::open(&dir, opts_every(100)).unwrap();
+        match s.analytics_origin() {
+            AnalyticsOrigin::Rebuilt { reason, .. } => assert!(reason.contains("earlier format"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.db.scan_prefix(b"x").next().is_none());
+        assert_eq!(answers(&s), live);
+        drop(s);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

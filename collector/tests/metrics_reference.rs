@@ -18,7 +18,7 @@ use std::time::Duration;
 use keytrail_collector::analytics::days_from_civil;
 use keytrail_collector::analytics::{Dim, Metric, MetricQuery};
 use keytrail_collector::config::Plan;
-use keytrail_collector::store::{IncomingBatch, Store, StoreOptions};
+use keytrail_collector::store::{AnalyticsOrigin, IncomingBatch, Store, StoreOptions, StoreWriter};
 use keytrail_common::event::{Deployment, Event, EventType, ResultCode};
 use keytrail_common::time::NANOS_PER_DAY;
 use keytrail_common::wire::BatchSeq;
@@ -307,45 +307,76 @@ async fn rollups_agree_with_the_reference_on_generated_traffic() {
         dedup_window: Duration::from_secs(3650 * 86400),
         raw_events: Duration::from_secs(3650 * 86400),
         plans: catalog(),
+        // Snapshots and journal replay both happen on the way (4,000 events).
+        snapshot_every: 700,
     };
     let questions = Questions { start_day, days };
-    {
-        let store = Store::open(&dir, options.clone()).unwrap();
-        let writer = store.start_writer();
-        // Batches of varying size; every fifth batch is sent twice (an agent's retry).
-        let mut seq = 0;
-        let mut rest: &[Event] = &events;
-        let mut rng = fastrand::Rng::with_seed(9);
+    // Batches of varying size; every fifth batch is sent twice (an agent's retry).
+    let mut rng = fastrand::Rng::with_seed(9);
+    let mut seq = 0;
+    async fn ingest(writer: &StoreWriter, mut rest: &[Event], seq: &mut u64, rng: &mut fastrand::Rng) {
         while !rest.is_empty() {
             let n = rng.usize(1..200).min(rest.len());
             let (batch, tail) = rest.split_at(n);
             rest = tail;
-            seq += 1;
-            for _ in 0..if seq % 5 == 0 { 2 } else { 1 } {
+            *seq += 1;
+            for _ in 0..if *seq % 5 == 0 { 2 } else { 1 } {
                 writer
                     .ingest(IncomingBatch {
                         agent_id: "agent-a".into(),
-                        seq: BatchSeq(seq),
-                        frame_crc: seq as u32,
+                        seq: BatchSeq(*seq),
+                        frame_crc: *seq as u32,
                         events: batch.to_vec(),
                     })
                     .await
                     .unwrap();
             }
         }
-        let checked = compare(&store, &events, &questions);
-        assert!(checked > 500, "{checked} questions");
+    }
+    async fn stop(store: &std::sync::Arc<Store>, writer: StoreWriter) {
         drop(writer);
         for _ in 0..500 {
-            if std::sync::Arc::strong_count(&store) == 1 {
+            if std::sync::Arc::strong_count(store) == 1 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        store.close();
     }
-    // The rollups persisted with the events: the same answers after a restart.
+    let (head, tail) = events.split_at(events.len() - 150);
+    // 1. Most of the traffic (snapshots every 700 events on the way), then a clean stop.
+    let covers = {
+        let store = Store::open(&dir, options.clone()).unwrap();
+        let writer = store.start_writer();
+        ingest(&writer, head, &mut seq, &mut rng).await;
+        stop(&store, writer).await;
+        store.close();
+        store.counters().into_iter().find(|c| c.0 == "events_stored").unwrap().1
+    };
+    // 2. Reopen from the final snapshot alone; the rest of the traffic; compare.
+    {
+        let store = Store::open(&dir, options.clone()).unwrap();
+        assert_eq!(
+            store.analytics_origin(),
+            &AnalyticsOrigin::Snapshot { covers, replayed: 0 }
+        );
+        let writer = store.start_writer();
+        ingest(&writer, tail, &mut seq, &mut rng).await;
+        let checked = compare(&store, &events, &questions);
+        assert!(checked > 500, "{checked} questions");
+        stop(&store, writer).await;
+        // No close(): as after a crash, the snapshot plus the journal must carry it all.
+    }
+    // 3. Reopen from the snapshot plus the journal of the tail: the same answers.
     let store = Store::open(&dir, options).unwrap();
+    let stored = store.counters().into_iter().find(|c| c.0 == "events_stored").unwrap().1;
+    assert!(stored > covers);
+    assert_eq!(
+        store.analytics_origin(),
+        &AnalyticsOrigin::Snapshot {
+            covers,
+            replayed: stored - covers
+        }
+    );
     compare(&store, &events, &questions);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -26,16 +26,18 @@
 //!
 //! # Persistence
 //!
-//! [`Analytics::take_dirty`] hands the store one record per license, cell and variant touched
-//! since the last call; the store writes them in the group's atomic batch. Keys:
-//! `xl ‖ license u32` → license, `xc ‖ license u32 ‖ day ‖ variant u32` → cell,
-//! `xv ‖ variant u32` → variant. Values: version byte ‖ crc32 ‖ bincode.
+//! The state is a function of the stored events, so it is never written piece by piece. The
+//! store keeps a *journal* of each group's newly stored events (in the group's own atomic
+//! batch) and, every so often, writes a *snapshot* of the whole state ([`Analytics::snapshot`]):
+//! on open, the snapshot is loaded and the journal's events after it are applied again. Without
+//! a usable snapshot and journal, the state is rebuilt from the raw events. See
+//! `crate::store` for the files and the crash rules.
 
 pub mod output;
 mod query;
 mod timeline;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use bincode::{Decode, Encode};
 use keytrail_common::event::{Event, EventType, ResultCode};
@@ -47,7 +49,8 @@ pub use timeline::{Inserted, Timeline};
 
 use crate::config::Plan;
 
-const RECORD_VERSION: u8 = 1;
+/// Version of the snapshot body; a snapshot of another version is not loaded (rebuilt instead).
+const SNAPSHOT_VERSION: u8 = 1;
 const BINCODE: bincode::config::Configuration = bincode::config::standard();
 
 /// The UTC day of an instant, as days since 1970-01-01.
@@ -236,60 +239,29 @@ fn min_opt(a: &mut Option<i64>, t: i64) {
     *a = Some(a.map_or(t, |x| x.min(t)));
 }
 
+/// A snapshot that cannot be used; the store rebuilds the state instead.
 #[derive(Debug, thiserror::Error)]
-#[error("analytics record {key}: {message}")]
-pub struct RecordError {
-    pub key: String,
-    pub message: String,
+#[error("analytics snapshot: {0}")]
+pub struct SnapshotError(pub String);
+
+/// The snapshot body, borrowed for writing.
+#[derive(Encode)]
+struct SnapshotRef<'a> {
+    applied_through: u64,
+    inexact: u64,
+    variants: &'a [Variant],
+    licenses: &'a [License],
+    cells: &'a [BTreeMap<(i32, u32), Cell>],
 }
 
-fn encode_record<T: Encode>(value: &T) -> Vec<u8> {
-    let body = bincode::encode_to_vec(value, BINCODE).expect("encoding into memory");
-    let mut r = Vec::with_capacity(5 + body.len());
-    r.push(RECORD_VERSION);
-    r.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
-    r.extend_from_slice(&body);
-    r
-}
-
-fn decode_record<T: Decode<()>>(key: &[u8], r: &[u8]) -> Result<T, RecordError> {
-    let err = |m: &str| RecordError {
-        key: hex::encode(key),
-        message: m.to_string(),
-    };
-    if r.len() < 5 || r[0] != RECORD_VERSION {
-        return Err(err("unknown record version"));
-    }
-    let body = &r[5..];
-    if crc32fast::hash(body).to_be_bytes() != r[1..5] {
-        return Err(err("checksum mismatch"));
-    }
-    bincode::decode_from_slice(body, BINCODE)
-        .map(|(v, _)| v)
-        .map_err(|e| err(&e.to_string()))
-}
-
-/// Key prefix of every analytics record in the store.
-pub const KEY_PREFIX: &[u8] = b"x";
-
-fn license_key(id: u32) -> Vec<u8> {
-    let mut k = b"xl".to_vec();
-    k.extend_from_slice(&id.to_be_bytes());
-    k
-}
-
-fn cell_key(license: u32, day: i32, variant: u32) -> Vec<u8> {
-    let mut k = b"xc".to_vec();
-    k.extend_from_slice(&license.to_be_bytes());
-    k.extend_from_slice(&((day as u32) ^ (1 << 31)).to_be_bytes());
-    k.extend_from_slice(&variant.to_be_bytes());
-    k
-}
-
-fn variant_key(id: u32) -> Vec<u8> {
-    let mut k = b"xv".to_vec();
-    k.extend_from_slice(&id.to_be_bytes());
-    k
+/// The snapshot body, owned for reading (the same layout as [`SnapshotRef`]).
+#[derive(Decode)]
+struct SnapshotOwned {
+    applied_through: u64,
+    inexact: u64,
+    variants: Vec<Variant>,
+    licenses: Vec<License>,
+    cells: Vec<BTreeMap<(i32, u32), Cell>>,
 }
 
 /// The in-memory analytics state. One writer (the store's writer thread) applies events;
@@ -304,9 +276,9 @@ pub struct Analytics {
     by_name: BTreeMap<String, u32>,
     variants: Vec<Variant>,
     variant_ids: HashMap<Variant, u32>,
-    dirty_licenses: BTreeSet<u32>,
-    dirty_cells: BTreeSet<(u32, i32, u32)>,
-    dirty_variants: BTreeSet<u32>,
+    /// Every event with a store sequence below this has been applied (set by the store after
+    /// each group; recorded in snapshots).
+    applied_through: u64,
     /// Late events whose successor was no longer stored (see [`Inserted::NextUnknown`]).
     inexact: u64,
 }
@@ -369,7 +341,6 @@ impl Analytics {
         let id = self.variants.len() as u32;
         self.variants.push(v.clone());
         self.variant_ids.insert(v, id);
-        self.dirty_variants.insert(id);
         id
     }
 
@@ -381,7 +352,6 @@ impl Analytics {
         };
         let t = e.time;
         let id = self.license_id(name, t);
-        self.dirty_licenses.insert(id);
         let l = &mut self.licenses[id as usize];
         l.first_event = l.first_event.min(t);
         l.last_event = l.last_event.max(t);
@@ -462,7 +432,6 @@ impl Analytics {
         }
         let variant = self.variant_id(e);
         let day = day_of(t);
-        self.dirty_cells.insert((id, day, variant));
         let cell = self.cells[id as usize].entry((day, variant)).or_default();
         if e.result == ResultCode::LimitExceeded {
             insert_sorted(&mut cell.limit_exceeded, t);
@@ -511,87 +480,96 @@ impl Analytics {
         }
     }
 
-    /// The records of everything changed since the last call, as `(key, value)`.
-    pub fn take_dirty(&mut self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut out =
-            Vec::with_capacity(self.dirty_licenses.len() + self.dirty_cells.len() + self.dirty_variants.len());
-        for id in std::mem::take(&mut self.dirty_variants) {
-            out.push((variant_key(id), encode_record(&self.variants[id as usize])));
-        }
-        for id in std::mem::take(&mut self.dirty_licenses) {
-            out.push((license_key(id), encode_record(&self.licenses[id as usize])));
-        }
-        for (l, day, v) in std::mem::take(&mut self.dirty_cells) {
-            let cell = &self.cells[l as usize][&(day, v)];
-            out.push((cell_key(l, day, v), encode_record(cell)));
-        }
+    /// Every event with a store sequence below the returned one has been applied.
+    pub fn applied_through(&self) -> u64 {
+        self.applied_through
+    }
+
+    /// Records that every event with a store sequence below `seq` has been applied.
+    pub fn set_applied_through(&mut self, seq: u64) {
+        self.applied_through = self.applied_through.max(seq);
+    }
+
+    /// The whole state as bytes: version ‖ crc32 ‖ bincode. (The catalog is configuration and
+    /// not part of it.)
+    pub fn snapshot(&self) -> Vec<u8> {
+        let body = bincode::encode_to_vec(
+            SnapshotRef {
+                applied_through: self.applied_through,
+                inexact: self.inexact,
+                variants: &self.variants,
+                licenses: &self.licenses,
+                cells: &self.cells,
+            },
+            BINCODE,
+        )
+        .expect("encoding into memory");
+        let mut out = Vec::with_capacity(5 + body.len());
+        out.push(SNAPSHOT_VERSION);
+        out.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        out.extend_from_slice(&body);
         out
     }
 
-    /// Rebuilds the state from its records (any order). A record that fails its checksum is an
-    /// error: the numbers would silently be wrong without it.
-    pub fn load(
-        catalog: BTreeMap<String, Plan>,
-        records: impl Iterator<Item = (Vec<u8>, Vec<u8>)>,
-    ) -> Result<Analytics, RecordError> {
+    /// The state a [`Analytics::snapshot`] holds. Anything wrong (version, checksum, body,
+    /// inconsistent ids) is an error, never a partial state.
+    pub fn from_snapshot(catalog: BTreeMap<String, Plan>, bytes: &[u8]) -> Result<Analytics, SnapshotError> {
+        let err = |m: String| SnapshotError(m);
+        if bytes.len() < 5 {
+            return Err(err(format!("{} bytes is too short", bytes.len())));
+        }
+        if bytes[0] != SNAPSHOT_VERSION {
+            return Err(err(format!(
+                "version {} (this build reads {SNAPSHOT_VERSION})",
+                bytes[0]
+            )));
+        }
+        let body = &bytes[5..];
+        if crc32fast::hash(body).to_be_bytes() != bytes[1..5] {
+            return Err(err("checksum mismatch".into()));
+        }
+        let (s, used): (SnapshotOwned, usize) =
+            bincode::decode_from_slice(body, BINCODE).map_err(|e| err(format!("body: {e}")))?;
+        if used != body.len() {
+            return Err(err(format!("{} trailing bytes", body.len() - used)));
+        }
+        if s.cells.len() != s.licenses.len() {
+            return Err(err(format!(
+                "{} cell maps for {} licenses",
+                s.cells.len(),
+                s.licenses.len()
+            )));
+        }
         let mut a = Analytics::new(catalog);
-        let mut licenses: BTreeMap<u32, License> = BTreeMap::new();
-        let mut cells = Vec::new();
-        let mut variants: BTreeMap<u32, Variant> = BTreeMap::new();
-        let bad = |k: &[u8]| RecordError {
-            key: hex::encode(k),
-            message: "malformed key".into(),
-        };
-        for (k, v) in records {
-            match k.get(..2) {
-                Some(b"xl") if k.len() == 6 => {
-                    let id = u32::from_be_bytes(k[2..6].try_into().expect("4 bytes"));
-                    licenses.insert(id, decode_record(&k, &v)?);
-                }
-                Some(b"xc") if k.len() == 14 => {
-                    let id = u32::from_be_bytes(k[2..6].try_into().expect("4 bytes"));
-                    let day = (u32::from_be_bytes(k[6..10].try_into().expect("4 bytes")) ^ (1 << 31)) as i32;
-                    let variant = u32::from_be_bytes(k[10..14].try_into().expect("4 bytes"));
-                    cells.push((id, day, variant, decode_record::<Cell>(&k, &v)?));
-                }
-                Some(b"xv") if k.len() == 6 => {
-                    let id = u32::from_be_bytes(k[2..6].try_into().expect("4 bytes"));
-                    variants.insert(id, decode_record(&k, &v)?);
-                }
-                _ => return Err(bad(&k)),
+        for (id, l) in s.licenses.iter().enumerate() {
+            if a.by_name.insert(l.name.clone(), id as u32).is_some() {
+                return Err(err(format!("license {:?} twice", l.name)));
             }
         }
-        for (expected, (id, l)) in licenses.into_iter().enumerate() {
-            if id as usize != expected {
-                return Err(RecordError {
-                    key: hex::encode(license_key(expected as u32)),
-                    message: "missing license record".into(),
-                });
+        for (id, v) in s.variants.iter().enumerate() {
+            if a.variant_ids.insert(v.clone(), id as u32).is_some() {
+                return Err(err(format!("variant {id} twice")));
             }
-            a.by_name.insert(l.name.clone(), id);
-            a.licenses.push(l);
-            a.cells.push(BTreeMap::new());
         }
-        for (expected, (id, v)) in variants.into_iter().enumerate() {
-            if id as usize != expected {
-                return Err(RecordError {
-                    key: hex::encode(variant_key(expected as u32)),
-                    message: "missing variant record".into(),
-                });
-            }
-            a.variant_ids.insert(v.clone(), id);
-            a.variants.push(v);
+        if let Some(bad) = s
+            .cells
+            .iter()
+            .flat_map(|c| c.keys())
+            .find(|(_, v)| *v as usize >= s.variants.len())
+        {
+            return Err(err(format!("cell of unknown variant {}", bad.1)));
         }
-        for (id, day, variant, cell) in cells {
-            if id as usize >= a.licenses.len() || variant as usize >= a.variants.len() {
-                return Err(RecordError {
-                    key: hex::encode(cell_key(id, day, variant)),
-                    message: "cell of an unknown license or variant".into(),
-                });
-            }
-            a.cells[id as usize].insert((day, variant), cell);
-        }
+        a.licenses = s.licenses;
+        a.cells = s.cells;
+        a.variants = s.variants;
+        a.inexact = s.inexact;
+        a.applied_through = s.applied_through;
         Ok(a)
+    }
+
+    /// Counts an event that could not be applied again (it was purged before a replay).
+    pub fn count_inexact(&mut self) {
+        self.inexact += 1;
     }
 }
 

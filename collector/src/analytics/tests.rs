@@ -574,17 +574,17 @@ fn mrr_by_month_with_change_and_unpriced() {
 }
 
 #[test]
-fn state_survives_a_round_trip_through_its_records() {
+fn state_survives_a_round_trip_through_a_snapshot() {
     let mut b = Builder::new();
     b.add(T::Issued, "a", at(0, 0), plan("pro"))
         .add(T::Validated, "a", at(1, 0), |e| e.user = Some("u".into()))
-        .add(T::FeatureChecked, "b", at(2, 0), |e| e.country = Some("SE".into()));
-    let mut records = b.a.take_dirty();
-    b.ev(T::Validated, "a", at(3, 0));
-    records.extend(b.a.take_dirty());
-    assert!(b.a.take_dirty().is_empty(), "nothing new");
-    records.reverse(); // any order
-    let loaded = Analytics::load(b.a.catalog().clone(), records.clone().into_iter()).unwrap();
+        .add(T::FeatureChecked, "b", at(2, 0), |e| e.country = Some("SE".into()))
+        .ev(T::Validated, "a", at(3, 0));
+    b.a.set_applied_through(4);
+    let bytes = b.a.snapshot();
+    let loaded = Analytics::from_snapshot(b.a.catalog().clone(), &bytes).unwrap();
+    assert_eq!(loaded.applied_through(), 4);
+    assert_eq!(loaded.snapshot(), bytes, "the same state, byte for byte");
     for m in Metric::ALL {
         let q = MetricQuery {
             metric: m,
@@ -596,9 +596,29 @@ fn state_survives_a_round_trip_through_its_records() {
         };
         assert_eq!(loaded.query(&q), b.a.query(&q), "{}", m.name());
     }
-    // A corrupted record is an error, not silently wrong numbers.
-    let (k, mut v) = records[0].clone();
-    let last = v.len() - 1;
-    v[last] ^= 1;
-    assert!(Analytics::load(BTreeMap::new(), std::iter::once((k, v))).is_err());
+    // The loaded state goes on applying events like the original.
+    let mut loaded = loaded;
+    let mut e = Event::new("late", T::Validated, at(1, 5), "agent");
+    e.license = Some("b".into());
+    loaded.apply(&e, 9, &NoHistory);
+    b.a.apply(&e, 9, &NoHistory);
+    assert_eq!(loaded.snapshot(), b.a.snapshot());
+    // Anything damaged is an error naming what, never silently wrong numbers.
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    let e = Analytics::from_snapshot(BTreeMap::new(), &flipped).err().unwrap();
+    assert!(e.to_string().contains("checksum"), "{e}");
+    let mut version = bytes.clone();
+    version[0] = 99;
+    let e = Analytics::from_snapshot(BTreeMap::new(), &version).err().unwrap();
+    assert!(e.to_string().contains("version 99"), "{e}");
+    assert!(Analytics::from_snapshot(BTreeMap::new(), &bytes[..3]).is_err());
+    let mut short = bytes[..bytes.len() - 7].to_vec();
+    let crc = crc32fast::hash(&short[5..]).to_be_bytes();
+    short[1..5].copy_from_slice(&crc);
+    assert!(
+        Analytics::from_snapshot(BTreeMap::new(), &short).is_err(),
+        "truncated body"
+    );
 }
