@@ -143,7 +143,12 @@ async fn main() {
         .get(4)
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("kt-metrics-bench"));
-    let _ = std::fs::remove_dir_all(&dir);
+    // EVENTS = 0: no ingest, only reopen DIR (kept from a run with KEEP=1) and ask the queries.
+    let keep = std::env::var_os("KEEP").is_some() || events == 0;
+    if events > 0 {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    keytrail_common::logging::init(keytrail_common::logging::LogFormat::Human);
     let options = StoreOptions {
         cache_bytes: 512 << 20,
         dedup_window: Duration::from_secs(3650 * 86400),
@@ -152,14 +157,33 @@ async fn main() {
         snapshot_every: keytrail_collector::store::DEFAULT_SNAPSHOT_EVENTS,
     };
     let start_day = days_from_civil(2026, 8);
-    let mut gen = Gen {
+    let gen = Gen {
         rng: fastrand::Rng::with_seed(1),
         licenses,
         start: start_day as i64 * NANOS_PER_DAY,
         span: days * NANOS_PER_DAY,
         n: 0,
     };
-    let store = Store::open(&dir, options.clone()).unwrap();
+    if events > 0 {
+        ingest(&dir, &options, events, days, gen).await;
+    }
+    let t = Instant::now();
+    let store = Store::open(&dir, options).unwrap();
+    println!(
+        "reopen: {:.1} s ({:?}); RSS {:.0} MiB",
+        t.elapsed().as_secs_f64(),
+        store.analytics_origin(),
+        proc_mib("VmRSS:")
+    );
+    let end_day = start_day + days as i32 - 1;
+    queries(&store, end_day);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+async fn ingest(dir: &std::path::Path, options: &StoreOptions, events: u64, days: i64, mut gen: Gen) {
+    let store = Store::open(dir, options.clone()).unwrap();
     let writer = store.start_writer();
     // Two batches in flight, like two agents: generation overlaps the store's commit.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<IncomingBatch>(4);
@@ -232,19 +256,17 @@ async fn main() {
         t.elapsed().as_secs_f64(),
         std::fs::metadata(dir.join("analytics.snap")).map_or(0, |m| m.len()) as f64 / 1e6
     );
-    let t = Instant::now();
-    let store = Store::open(&dir, options).unwrap();
-    println!(
-        "reopen: {:.1} s ({:?}); RSS {:.0} MiB",
-        t.elapsed().as_secs_f64(),
-        store.analytics_origin(),
-        proc_mib("VmRSS:")
-    );
+}
 
-    let end_day = start_day + days as i32 - 1;
+fn queries(store: &Store, end_day: i32) {
     let at = (end_day as i64 + 1) * NANOS_PER_DAY - 1;
     println!("\n| metric | by | p50 ms | p99 ms | rows |\n|---|---|---:|---:|---:|");
+    // ONLY=<metric> asks just that one (for profiling).
+    let only = std::env::var("ONLY").ok();
     for metric in Metric::ALL {
+        if only.as_deref().is_some_and(|o| o != metric.name()) {
+            continue;
+        }
         for by in [Some(Dim::Plan), None] {
             if by.is_some() && !metric.takes_by() {
                 continue;
@@ -259,7 +281,7 @@ async fn main() {
             };
             let mut times = Vec::new();
             let mut rows = 0;
-            for _ in 0..30 {
+            for _ in 0..if only.is_some() { 300 } else { 30 } {
                 let t = Instant::now();
                 rows = store.metric(&q).unwrap().len();
                 times.push(t.elapsed());
@@ -273,5 +295,4 @@ async fn main() {
             );
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -473,8 +473,18 @@ fn open_analytics(
     let mut why_rebuild = legacy.then(|| "the store holds analytics records of an earlier format".to_string());
     let mut a = Analytics::new(plans.clone());
     if why_rebuild.is_none() {
+        let started = Instant::now();
         match read_snapshot(&dir.join(SNAPSHOT_FILE), plans) {
-            Ok(Some(snap)) => a = snap,
+            Ok(Some(snap)) => {
+                a = snap;
+                tracing::info!(
+                    covers = a.applied_through(),
+                    licenses = a.license_count(),
+                    cells = a.cell_count(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "analytics snapshot loaded"
+                );
+            }
             Ok(None) => {}
             Err(e) => why_rebuild = Some(format!("{SNAPSHOT_FILE} is unusable: {e}")),
         }
@@ -585,9 +595,11 @@ impl Store {
             .path(dir.join("store"))
             .cache_capacity(cache_bytes)
             .flush_every_ms(Some(1000));
+        let started = Instant::now();
         let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
             .map_err(|_| err("sled panicked while opening the database".into()))?
             .map_err(|e| err(e.to_string()))?;
+        tracing::info!(seconds = started.elapsed().as_secs_f64(), "store database opened");
         let log_file = std::fs::OpenOptions::new()
             .write(true)
             .open(dir.join("store").join("db"))

@@ -50,7 +50,7 @@ pub use timeline::{Inserted, Timeline};
 use crate::config::Plan;
 
 /// Version of the snapshot body; a snapshot of another version is not loaded (rebuilt instead).
-const SNAPSHOT_VERSION: u8 = 1;
+const SNAPSHOT_VERSION: u8 = 2;
 const BINCODE: bincode::config::Configuration = bincode::config::standard();
 
 /// The UTC day of an instant, as days since 1970-01-01.
@@ -125,8 +125,9 @@ pub struct Cell {
     pub denied: Vec<i64>,
     /// Feature (missing: `unknown`) → `[checks, granted, denied]`, sorted by feature.
     pub features: Vec<(String, [u32; 3])>,
-    /// Sorted distinct users seen on valid validations and feature checks.
-    pub users: Vec<String>,
+    /// Sorted distinct users (ids into [`Analytics`]' user names) seen on valid validations and
+    /// feature checks.
+    pub users: Vec<u32>,
 }
 
 /// An event's own dimension values, indexed by [`Dim`] as usize.
@@ -250,6 +251,7 @@ struct SnapshotRef<'a> {
     applied_through: u64,
     inexact: u64,
     variants: &'a [Variant],
+    users: &'a [String],
     licenses: &'a [License],
     cells: &'a [BTreeMap<(i32, u32), Cell>],
 }
@@ -260,6 +262,7 @@ struct SnapshotOwned {
     applied_through: u64,
     inexact: u64,
     variants: Vec<Variant>,
+    users: Vec<String>,
     licenses: Vec<License>,
     cells: Vec<BTreeMap<(i32, u32), Cell>>,
 }
@@ -276,6 +279,9 @@ pub struct Analytics {
     by_name: BTreeMap<String, u32>,
     variants: Vec<Variant>,
     variant_ids: HashMap<Variant, u32>,
+    /// User names by id (cells hold ids: compact, and distinct counts need no string compares).
+    users: Vec<String>,
+    user_ids: HashMap<String, u32>,
     /// Every event with a store sequence below this has been applied (set by the store after
     /// each group; recorded in snapshots).
     applied_through: u64,
@@ -342,6 +348,21 @@ impl Analytics {
         self.variants.push(v.clone());
         self.variant_ids.insert(v, id);
         id
+    }
+
+    fn user_id(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.user_ids.get(name) {
+            return id;
+        }
+        let id = self.users.len() as u32;
+        self.users.push(name.to_string());
+        self.user_ids.insert(name.to_string(), id);
+        id
+    }
+
+    /// Number of distinct user names (the range of [`Cell::users`] ids).
+    pub fn user_count(&self) -> usize {
+        self.users.len()
     }
 
     /// Applies one newly stored event. `seq` is its store sequence (breaks time ties);
@@ -431,15 +452,16 @@ impl Analytics {
             return;
         }
         let variant = self.variant_id(e);
+        let user = e.user.as_deref().map(|u| self.user_id(u));
         let day = day_of(t);
         let cell = self.cells[id as usize].entry((day, variant)).or_default();
         if e.result == ResultCode::LimitExceeded {
             insert_sorted(&mut cell.limit_exceeded, t);
         }
         let add_user = |cell: &mut Cell| {
-            if let Some(u) = &e.user {
-                if let Err(pos) = cell.users.binary_search(u) {
-                    cell.users.insert(pos, u.clone());
+            if let Some(u) = user {
+                if let Err(pos) = cell.users.binary_search(&u) {
+                    cell.users.insert(pos, u);
                 }
             }
         };
@@ -498,6 +520,7 @@ impl Analytics {
                 applied_through: self.applied_through,
                 inexact: self.inexact,
                 variants: &self.variants,
+                users: &self.users,
                 licenses: &self.licenses,
                 cells: &self.cells,
             },
@@ -551,17 +574,23 @@ impl Analytics {
                 return Err(err(format!("variant {id} twice")));
             }
         }
-        if let Some(bad) = s
-            .cells
-            .iter()
-            .flat_map(|c| c.keys())
-            .find(|(_, v)| *v as usize >= s.variants.len())
-        {
-            return Err(err(format!("cell of unknown variant {}", bad.1)));
+        for (id, u) in s.users.iter().enumerate() {
+            if a.user_ids.insert(u.clone(), id as u32).is_some() {
+                return Err(err(format!("user {id} twice")));
+            }
+        }
+        for (key, cell) in s.cells.iter().flat_map(|c| c.iter()) {
+            if key.1 as usize >= s.variants.len() {
+                return Err(err(format!("cell of unknown variant {}", key.1)));
+            }
+            if cell.users.iter().any(|&u| u as usize >= s.users.len()) {
+                return Err(err(format!("cell of day {} holds an unknown user", key.0)));
+            }
         }
         a.licenses = s.licenses;
         a.cells = s.cells;
         a.variants = s.variants;
+        a.users = s.users;
         a.inexact = s.inexact;
         a.applied_through = s.applied_through;
         Ok(a)

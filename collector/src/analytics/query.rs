@@ -351,12 +351,26 @@ impl Analytics {
 
     /// Events of one kind (picked from cells) with time in `(a, b]`.
     fn count_between(&self, id: u32, a: i64, b: i64, pick: fn(&Cell) -> &Vec<i64>) -> u64 {
-        count_in(
-            self.cells_between(id, day_of(a), day_of(b))
-                .map(|(_, c)| pick(c).as_slice()),
-            a,
-            b,
-        )
+        self.counts_between(id, a, b, [pick])[0]
+    }
+
+    /// Events of several kinds with time in `(a, b]`, in one pass over the cells. A cell of a
+    /// day strictly between the ends counts whole; only the two end days need a search.
+    fn counts_between<const N: usize>(&self, id: u32, a: i64, b: i64, picks: [fn(&Cell) -> &Vec<i64>; N]) -> [u64; N] {
+        let (da, db) = (day_of(a), day_of(b));
+        let mut out = [0u64; N];
+        for (&(d, _), c) in self.cells_between(id, da, db) {
+            let whole = d > da && d < db;
+            for (o, pick) in out.iter_mut().zip(picks) {
+                let v = pick(c);
+                *o += if whole {
+                    v.len() as u64
+                } else {
+                    count_in(std::iter::once(v.as_slice()), a, b)
+                };
+            }
+        }
+        out
     }
 
     fn last_valid_validation(&self, id: u32, at: i64) -> Option<i64> {
@@ -425,13 +439,19 @@ impl Analytics {
         if util.is_some_and(|u| u >= 0.8) {
             t.push("limit_approaching");
         }
-        if util.is_some_and(|u| u > 1.0) || self.count_between(id, from, at, |c| &c.limit_exceeded) > 0 {
+        let [limit_exceeded, rate_limited, denied] = self.counts_between(
+            id,
+            from,
+            at,
+            [|c| &c.limit_exceeded, |c| &c.rate_limited, |c| &c.denied],
+        );
+        if util.is_some_and(|u| u > 1.0) || limit_exceeded > 0 {
             t.push("over_limit");
         }
-        if self.count_between(id, from, at, |c| &c.rate_limited) > 10 {
+        if rate_limited > 10 {
             t.push("rate_limited_frequent");
         }
-        if self.count_between(id, from, at, |c| &c.denied) > 3 {
+        if denied > 3 {
             t.push("feature_interest");
         }
         t
@@ -737,20 +757,25 @@ impl Analytics {
 
     fn active_users(&self, q: &MetricQuery, end: i64) -> Vec<Row> {
         let mut groups: BTreeMap<&str, [u64; 2]> = BTreeMap::new();
-        let mut users: Vec<&str> = Vec::new();
+        // Per user id: the license that last counted it (distinct users per license without
+        // sorting).
+        let mut counted_for = vec![u32::MAX; self.user_count()];
         for (id, l) in self.licenses.iter().enumerate() {
-            users.clear();
+            let mut users = 0u64;
             for (_, c) in self.cells_between(id as u32, q.from_day, q.to_day) {
-                users.extend(c.users.iter().map(String::as_str));
+                for &u in &c.users {
+                    if counted_for[u as usize] != id as u32 {
+                        counted_for[u as usize] = id as u32;
+                        users += 1;
+                    }
+                }
             }
-            if users.is_empty() {
+            if users == 0 {
                 continue;
             }
-            users.sort_unstable();
-            users.dedup();
             let a = groups.entry(self.license_group(l, q.by, end)).or_default();
             a[0] += 1;
-            a[1] += users.len() as u64;
+            a[1] += users;
         }
         Self::group_rows(q.by, groups, [0; 2], |r, a| {
             r.with("licenses", a[0])
