@@ -240,7 +240,7 @@ async fn ingest(dir: &std::path::Path, options: &StoreOptions, events: u64, days
     );
     println!(
         "after ingest: {:.2} GB on disk, RSS {:.0} MiB (peak {:.0} MiB)",
-        disk_bytes(&dir) as f64 / 1e9,
+        disk_bytes(dir) as f64 / 1e9,
         proc_mib("VmRSS:"),
         proc_mib("VmHWM:")
     );
