@@ -53,6 +53,7 @@ pub struct RawProxy {
     pub listen: Option<String>,
     pub upstream: Option<String>,
     pub adapter: Option<String>,
+    pub upstream_ca: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -101,6 +102,8 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     pub upstream: String,
     pub adapter: String,
+    /// CA file for an `https://` upstream; the system bundle when `None`.
+    pub upstream_ca: Option<PathBuf>,
 }
 
 /// Where and how batches are shipped.
@@ -254,6 +257,7 @@ impl AgentConfig {
                 listen: listen.unwrap_or_else(|| ([127, 0, 0, 1], 7080).into()),
                 upstream,
                 adapter,
+                upstream_ca: p.upstream_ca,
             }
         });
 
@@ -361,6 +365,16 @@ impl AgentConfig {
         if let Err(e) = keytrail_common::tls::client_config(&self.ship.ca, pair) {
             errors.push(e);
         }
+        if let Some(p) = &self.proxy {
+            if p.upstream.starts_with("https://") {
+                if let Err(e) = keytrail_common::tls::upstream_client_config(p.upstream_ca.as_deref()) {
+                    errors.push(e);
+                }
+            }
+            if let Err(e) = crate::proxy::adapter(&p.adapter) {
+                errors.push(e);
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -463,8 +477,11 @@ mod example_tests {
             .replace("# [proxy]", "[proxy]")
             .replace("# listen   =", "listen =")
             .replace("# upstream =", "upstream =")
-            .replace("# adapter  =", "adapter =");
+            .replace("# adapter  =", "adapter =")
+            .replace("# upstream_ca =", "upstream_ca =");
         let c = AgentConfig::parse(&with_proxy).unwrap();
-        assert_eq!(c.proxy.unwrap().adapter, "keygen");
+        let p = c.proxy.unwrap();
+        assert_eq!(p.adapter, "keygen");
+        assert!(p.upstream_ca.is_some());
     }
 }

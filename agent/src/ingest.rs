@@ -74,7 +74,8 @@ impl EventIds {
         }
     }
 
-    fn next(&self) -> String {
+    /// A new id, unique in this process and across restarts.
+    pub fn next_id(&self) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         format!("{}{n}", self.prefix)
     }
@@ -102,7 +103,7 @@ impl IngestDefaults for Defaults<'_> {
         self.now
     }
     fn new_event_id(&self) -> String {
-        self.api.ids.next()
+        self.api.ids.next_id()
     }
 }
 
@@ -219,6 +220,22 @@ pub fn status(api: &Api) -> serde_json::Value {
         "collector": api.config.ship.collector,
         "buffer_max_bytes": api.config.max_bytes,
         "buffer_recovered_from": api.buffer.recovered_from.as_ref().map(|p| p.display().to_string()),
+        "proxy": api.config.proxy.as_ref().map(|p| {
+            let unrecorded: serde_json::Map<String, serde_json::Value> = api
+                .metrics
+                .proxy_unrecorded
+                .snapshot()
+                .into_iter()
+                .map(|(k, v)| (k.join(","), v.into()))
+                .collect();
+            serde_json::json!({
+                "upstream": p.upstream,
+                "adapter": p.adapter,
+                "recorded_events_total": api.metrics.proxy_recorded.get(),
+                "unrecorded_total": api.metrics.proxy_unrecorded.total(),
+                "unrecorded_by_reason": unrecorded,
+            })
+        }),
     })
 }
 

@@ -5,12 +5,13 @@
 pub mod buffer;
 pub mod config;
 pub mod ingest;
+pub mod proxy;
 pub mod ship;
 pub mod telemetry;
 
 use std::sync::Arc;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use keytrail_common::fingerprint::Fingerprinter;
 
 use crate::buffer::{Buffer, BufferLimits};
@@ -23,13 +24,10 @@ use crate::telemetry::AgentMetrics;
 /// Shutdown order: stop accepting requests → stop sealer and shipper (a batch in flight is
 /// simply resent next time) → let the writer answer what it holds → final flush.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    if let Some(p) = &config.proxy {
-        bail!(
-            "[proxy] (listen {}, adapter {}) is not available in this build yet; remove the section to run the agent",
-            p.listen,
-            p.adapter
-        );
-    }
+    let proxy_adapter = match &config.proxy {
+        Some(p) => Some(proxy::adapter(&p.adapter).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let fingerprinter = Fingerprinter::from_file(&config.fingerprint_secret_file).map_err(anyhow::Error::msg)?;
     let client = CollectorClient::new(&config.ship).map_err(anyhow::Error::msg)?;
     let metrics = Arc::new(AgentMetrics::default());
@@ -52,17 +50,41 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the ingest API on {}", config.ingest_listen))?;
     let health = Arc::new(ShipHealth::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The proxy: its listener, and the recorder that turns its exchanges into events.
+    let mut proxy_addr = None;
+    let mut proxy_tasks = Vec::new();
+    if let (Some(p), Some(adapter)) = (&config.proxy, proxy_adapter) {
+        let upstream = proxy::Upstream::parse(&p.upstream).map_err(anyhow::Error::msg)?;
+        let (tx, rx) = proxy::record_channel();
+        let px = proxy::Proxy::new(upstream, p.upstream_ca.as_deref(), tx, Arc::clone(&metrics))
+            .map_err(anyhow::Error::msg)?;
+        let l = tokio::net::TcpListener::bind(p.listen)
+            .await
+            .with_context(|| format!("binding the proxy on {}", p.listen))?;
+        proxy_addr = Some(l.local_addr()?);
+        let defaults = proxy::RecorderDefaults::new(buffer.agent_id().to_string(), config.context.clone());
+        proxy_tasks.push(tokio::spawn(proxy::run_recorder(
+            rx,
+            adapter,
+            Fingerprinter::from_file(&config.fingerprint_secret_file).map_err(anyhow::Error::msg)?,
+            defaults,
+            appender.clone(),
+            Arc::clone(&metrics),
+        )));
+        proxy_tasks.push(tokio::spawn(proxy::serve(l, Arc::new(px), stop_rx.clone())));
+    }
     let counts = buffer.counts();
     tracing::info!(
         agent_id = buffer.agent_id(),
         ingest = %listener.local_addr()?,
+        proxy = proxy_addr.map(|a| a.to_string()),
         collector = %config.ship.collector,
         buffer = %config.buffer_dir.display(),
         buffered_events = counts.pending_events + counts.sealed_events,
         "keytrail-agent started"
     );
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sealer = tokio::spawn(ship::run_sealer(
         Arc::clone(&buffer),
         config.ship.batch_timeout,
@@ -93,6 +115,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = server.await;
+    for t in proxy_tasks {
+        t.abort();
+    }
     sealer.abort();
     shipper.abort();
     // Give handlers already waiting on the writer a moment to be answered.

@@ -19,6 +19,11 @@ pub struct AgentMetrics {
     pub ship_batches: LabeledCounter,
     /// Ingest requests by answer code.
     pub requests: LabeledCounter,
+    /// Events the proxy recorded (also counted in `received`).
+    pub proxy_recorded: Counter,
+    /// `{reason}`: proxied exchanges (or their events) that could not be recorded; the
+    /// requests themselves went through.
+    pub proxy_unrecorded: LabeledCounter,
 }
 
 impl Default for AgentMetrics {
@@ -32,6 +37,8 @@ impl Default for AgentMetrics {
             discarded: LabeledCounter::new(&["reason"]),
             ship_batches: LabeledCounter::new(&["outcome"]),
             requests: LabeledCounter::new(&["code"]),
+            proxy_recorded: Counter::default(),
+            proxy_unrecorded: LabeledCounter::new(&["reason"]),
         }
     }
 }
@@ -88,6 +95,17 @@ impl AgentMetrics {
             "Local API event requests by status code.",
             &self.requests,
             &[],
+        )
+        .counter(
+            "keytrail_proxy_recorded_events_total",
+            "Events recorded from proxied license calls.",
+            self.proxy_recorded.get(),
+        )
+        .labeled(
+            "keytrail_proxy_unrecorded_total",
+            "Proxied license calls (or their events) not recorded, by reason; the calls went through.",
+            &self.proxy_unrecorded,
+            &crate::proxy::UNRECORDED_REASONS,
         );
         p.finish()
     }

@@ -76,6 +76,29 @@ pub fn client_config(ca: &Path, cert_and_key: Option<(&Path, &Path)>) -> Result<
     Ok(config)
 }
 
+/// System CA bundles, tried in order when no CA file is configured.
+const SYSTEM_BUNDLES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+    "/etc/ssl/ca-bundle.pem",
+];
+
+/// The proxy's side towards an `https://` license server: verified against `ca`, or the
+/// system's CA bundle when none is given.
+pub fn upstream_client_config(ca: Option<&Path>) -> Result<ClientConfig, String> {
+    let path = match ca {
+        Some(p) => p.to_path_buf(),
+        None => SYSTEM_BUNDLES
+            .iter()
+            .map(Path::new)
+            .find(|p| p.exists())
+            .ok_or("no system CA bundle found (looked in /etc/ssl and /etc/pki); set proxy.upstream_ca")?
+            .to_path_buf(),
+    };
+    client_config(&path, None)
+}
+
 /// The subject common name of a DER certificate: the agent id of an mTLS peer.
 pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;

@@ -4,6 +4,7 @@
 //! Every listener binds port 0; the harness reads the bound addresses from the processes'
 //! JSON start-up log line. Every wait has a deadline and fails with the processes' logs.
 
+pub mod fake_upstream;
 pub mod traffic;
 
 use std::io::{Read, Write};
@@ -354,6 +355,8 @@ pub struct AgentOpts {
     pub batch_max_events: u32,
     pub batch_timeout: String,
     pub stall_after: String,
+    /// Appended to the generated config (e.g. a `[proxy]` section).
+    pub extra_toml: String,
 }
 
 impl AgentOpts {
@@ -369,6 +372,7 @@ impl AgentOpts {
             batch_max_events: 500,
             batch_timeout: "100ms".into(),
             stall_after: "2s".into(),
+            extra_toml: String::new(),
         }
     }
 }
@@ -376,6 +380,8 @@ impl AgentOpts {
 pub struct Agent {
     pub proc: Proc,
     pub ingest: SocketAddr,
+    /// The proxy's address, when `[proxy]` is configured.
+    pub proxy: Option<SocketAddr>,
     pub data_dir: PathBuf,
     config: PathBuf,
 }
@@ -404,6 +410,7 @@ impl Agent {
             text += &format!("cert = {c:?}\nkey = {k:?}\n");
         }
         text += &format!("[privacy]\nfingerprint_secret_file = {:?}\n", sb.secret);
+        text += &opts.extra_toml;
         std::fs::write(&config, text).unwrap();
         let log = sb.path(&format!("agent-{}.log", opts.agent_id));
         let mut a = Agent {
@@ -413,6 +420,7 @@ impl Agent {
                 name: format!("agent {}", opts.agent_id),
             },
             ingest: ([0, 0, 0, 0], 0).into(),
+            proxy: None,
             data_dir,
             config,
         };
@@ -428,6 +436,12 @@ impl Agent {
         self.proc = Proc::spawn(&self.proc.name.clone(), cmd, self.proc.log.clone());
         let f = self.proc.started_fields("keytrail-agent started", after);
         self.ingest = f["ingest"].as_str().unwrap().parse().unwrap();
+        self.proxy = f["proxy"].as_str().and_then(|a| a.parse().ok());
+    }
+
+    /// The agent's config file.
+    pub fn config_path(&self) -> &Path {
+        &self.config
     }
 
     /// Posts NDJSON; returns status and body, or `None` when the connection failed.

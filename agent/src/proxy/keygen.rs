@@ -1,0 +1,543 @@
+//! Keygen (keygen.sh, self-hosted CE/EE too): validations, machine activations and
+//! deactivations. The mapping from Keygen's codes to contract results is in `docs/adapters.md`.
+//!
+//! Routes are matched after `/v1/accounts/<account>` or `/v1` (both forms exist). Keygen
+//! answers every validation with 200 and puts the outcome in `meta.code` (`meta.constant` on
+//! API versions 1.0 and 1.1), so the result comes from the code, not the status. The one
+//! exception, as the issue asks: `meta.valid: true` (an over-limit code within the policy's
+//! allowed overage, or an expired license that keeps access) is recorded as `valid`, with the
+//! usage that shows the overage and the code in `attrs.keygen_code`.
+
+use base64::Engine as _;
+use http::{header, Method, StatusCode};
+use keytrail_common::time::parse_rfc3339_ns;
+use serde_json::{json, Map, Value};
+
+use super::{Adapter, Exchange, Unreadable};
+
+pub struct Keygen;
+
+/// The request, by route.
+#[derive(Debug, PartialEq)]
+enum Call<'a> {
+    /// `POST …/licenses/actions/validate-key`
+    ValidateKey,
+    /// `POST|GET …/licenses/<id>/actions/validate`
+    ValidateById(&'a str),
+    /// `POST …/machines`
+    Activate,
+    /// `DELETE …/machines/<id or fingerprint>`
+    Deactivate(&'a str),
+}
+
+fn call<'a>(method: &Method, path: &'a str) -> Option<Call<'a>> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let v1 = segs.iter().position(|s| *s == "v1")?;
+    let mut rest = &segs[v1 + 1..];
+    if rest.first() == Some(&"accounts") && rest.len() >= 2 {
+        rest = &rest[2..];
+    }
+    match (method, rest) {
+        (&Method::POST, ["licenses", "actions", "validate-key"]) => Some(Call::ValidateKey),
+        (&Method::POST | &Method::GET, ["licenses", id, "actions", "validate"]) => Some(Call::ValidateById(id)),
+        (&Method::POST, ["machines"]) => Some(Call::Activate),
+        (&Method::DELETE, ["machines", id]) => Some(Call::Deactivate(id)),
+        _ => None,
+    }
+}
+
+/// The license key of the request's credentials: `Authorization: License <key>`,
+/// `Authorization: Basic base64("license:<key>")`, or `?auth=license:<key>`. Bearer tokens
+/// are API tokens, not license keys.
+fn auth_key(ex: &Exchange) -> Option<String> {
+    if let Some(v) = ex
+        .request_headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        if let Some((scheme, cred)) = v.trim().split_once(' ') {
+            let cred = cred.trim();
+            if scheme.eq_ignore_ascii_case("license") && !cred.is_empty() {
+                return Some(cred.to_string());
+            }
+            if scheme.eq_ignore_ascii_case("basic") {
+                let raw = base64::engine::general_purpose::STANDARD.decode(cred).ok()?;
+                let text = String::from_utf8(raw).ok()?;
+                return text
+                    .strip_prefix("license:")
+                    .filter(|k| !k.is_empty())
+                    .map(str::to_string);
+            }
+        }
+    }
+    ex.query_param("auth")?
+        .strip_prefix("license:")
+        .filter(|k| !k.is_empty())
+        .map(str::to_string)
+}
+
+/// The contract result of a Keygen validation code (docs/adapters.md).
+pub fn code_result(code: &str) -> &'static str {
+    match code {
+        "VALID" => "valid",
+        "NOT_FOUND" => "not_found",
+        "BANNED" => "revoked",
+        "SUSPENDED" => "suspended",
+        "EXPIRED" => "expired",
+        "OVERDUE" | "HEARTBEAT_NOT_STARTED" | "HEARTBEAT_DEAD" => "overdue",
+        "ENTITLEMENTS_MISSING" | "CHECKSUM_SCOPE_MISMATCH" | "VERSION_SCOPE_MISMATCH" => "feature_denied",
+        "TOO_MANY_USERS" | "TOO_MANY_MACHINES" | "TOO_MANY_CORES" | "TOO_MUCH_MEMORY" | "TOO_MUCH_DISK"
+        | "TOO_MANY_PROCESSES" => "limit_exceeded",
+        c if c.ends_with("_SCOPE_MISMATCH") || c == "NO_MACHINE" || c == "NO_MACHINES" => "domain_mismatch",
+        c if c.ends_with("_SCOPE_REQUIRED") || c.ends_with("_SCOPE_EMPTY") => "invalid_format",
+        _ => "error",
+    }
+}
+
+/// The result of a non-validation answer, by HTTP status (and the first error's code).
+fn status_result(status: StatusCode, body: Option<&Value>) -> &'static str {
+    let code = body
+        .and_then(|b| b.pointer("/errors/0/code"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    match status.as_u16() {
+        200..=299 => "valid",
+        429 => "rate_limited",
+        401 | 403 | 404 => "not_found",
+        422 if code.ends_with("_LIMIT_EXCEEDED") => "limit_exceeded",
+        400..=499 => "invalid_format",
+        _ => "error",
+    }
+}
+
+fn response_json(ex: &Exchange) -> Result<Option<Value>, Unreadable> {
+    if ex.status == StatusCode::NO_CONTENT || ex.response_body.bytes.is_empty() {
+        return Ok(None);
+    }
+    if let Some(enc) = ex.response_headers.get(header::CONTENT_ENCODING) {
+        if enc.as_bytes() != b"identity" {
+            return Err(Unreadable(
+                "unreadable_response",
+                format!("compressed response ({})", String::from_utf8_lossy(enc.as_bytes())),
+            ));
+        }
+    }
+    if !ex.response_body.complete {
+        return Err(Unreadable(
+            "body_incomplete",
+            "response body cut or over the capture cap".into(),
+        ));
+    }
+    match serde_json::from_slice(&ex.response_body.bytes) {
+        Ok(v) => Ok(Some(v)),
+        // Error pages of proxies and load balancers in front of Keygen are often HTML.
+        Err(_) if !ex.status.is_success() => Ok(None),
+        Err(e) => Err(Unreadable("unreadable_response", format!("response is not JSON: {e}"))),
+    }
+}
+
+/// License fields of a license document (`data` of a validation answer).
+fn license_fields(e: &mut Map<String, Value>, data: &Value) {
+    let attr = |name: &str| data.pointer(&format!("/attributes/{name}"));
+    if let Some(n) = attr("maxMachines").and_then(Value::as_u64) {
+        e.insert("machines_limit".into(), n.into());
+    }
+    if let Some(n) = data
+        .pointer("/relationships/machines/meta/count")
+        .and_then(Value::as_u64)
+    {
+        e.insert("machines_used".into(), n.into());
+    }
+    if let Some(n) = attr("maxUsers").and_then(Value::as_u64) {
+        e.insert("seats_limit".into(), n.into());
+    }
+    if let Some(n) = data.pointer("/relationships/users/meta/count").and_then(Value::as_u64) {
+        e.insert("seats_used".into(), n.into());
+    }
+    if let Some(x) = attr("expiry")
+        .and_then(Value::as_str)
+        .filter(|x| parse_rfc3339_ns(x).is_some())
+    {
+        e.insert("expires_at".into(), x.into());
+    }
+    for (field, pointer) in [
+        ("plan", "/relationships/policy/data/id"),
+        ("product", "/relationships/product/data/id"),
+    ] {
+        if let Some(v) = data.pointer(pointer).and_then(Value::as_str).filter(|v| v.len() <= 128) {
+            e.insert(field.into(), v.into());
+        }
+    }
+}
+
+fn base_event(ex: &Exchange, ty: &str) -> Map<String, Value> {
+    let mut e = Map::new();
+    e.insert("type".into(), ty.into());
+    e.insert("time".into(), (ex.time / 1_000_000).into());
+    e
+}
+
+/// Identity: a key wins over a license id (one license, one pseudonym).
+fn identify(e: &mut Map<String, Value>, key: Option<String>, license_id: Option<&str>) -> Result<(), Unreadable> {
+    match (key, license_id) {
+        (Some(k), _) => {
+            e.insert("license_key".into(), k.into());
+        }
+        (None, Some(id)) if !id.is_empty() && id.len() <= 128 => {
+            e.insert("license".into(), id.into());
+        }
+        _ => {
+            return Err(Unreadable(
+                "no_license",
+                "neither a license key nor a license id".into(),
+            ))
+        }
+    }
+    Ok(())
+}
+
+impl Adapter for Keygen {
+    fn events(&self, ex: &Exchange) -> Result<Vec<Value>, Unreadable> {
+        let Some(call) = call(&ex.method, &ex.path) else {
+            return Ok(Vec::new());
+        };
+        let req = ex.request_json();
+        let resp = response_json(ex)?;
+        let mut e;
+        match call {
+            Call::ValidateKey | Call::ValidateById(_) => {
+                e = base_event(ex, "license.validated");
+                let meta = resp.as_ref().and_then(|r| r.get("meta"));
+                let code = meta
+                    .and_then(|m| m.get("code").or_else(|| m.get("constant")))
+                    .and_then(Value::as_str);
+                let result = match (meta.and_then(|m| m.get("valid")).and_then(Value::as_bool), code) {
+                    _ if !ex.status.is_success() => status_result(ex.status, resp.as_ref()),
+                    (Some(true), _) => "valid",
+                    (_, Some(c)) => code_result(c),
+                    (Some(false), None) => "error",
+                    (None, None) => {
+                        return Err(Unreadable("unreadable_response", "no meta.valid or meta.code".into()));
+                    }
+                };
+                e.insert("result".into(), result.into());
+                if let Some(c) = code.filter(|c| c.len() <= 64) {
+                    e.insert("attrs".into(), json!({ "keygen_code": c }));
+                }
+                let data = resp.as_ref().and_then(|r| r.get("data")).filter(|d| d.is_object());
+                if let Some(d) = data {
+                    license_fields(&mut e, d);
+                }
+                let body_key = req
+                    .as_ref()
+                    .and_then(|r| r.pointer("/meta/key"))
+                    .and_then(Value::as_str);
+                let echoed_key = data.and_then(|d| d.pointer("/attributes/key")).and_then(Value::as_str);
+                let key = body_key.or(echoed_key).map(str::to_string).or_else(|| auth_key(ex));
+                let id = match call {
+                    Call::ValidateById(id) => Some(id),
+                    _ => data.and_then(|d| d.get("id")).and_then(Value::as_str),
+                };
+                identify(&mut e, key, id)?;
+                if let Some(fp) = req
+                    .as_ref()
+                    .and_then(|r| r.pointer("/meta/scope/fingerprint"))
+                    .and_then(Value::as_str)
+                    .filter(|f| !f.is_empty())
+                {
+                    e.insert("machine".into(), fp.into());
+                }
+            }
+            Call::Activate => {
+                e = base_event(ex, "license.activated");
+                e.insert("result".into(), status_result(ex.status, resp.as_ref()).into());
+                let license_id = req
+                    .as_ref()
+                    .and_then(|r| r.pointer("/data/relationships/license/data/id"))
+                    .and_then(Value::as_str);
+                identify(&mut e, auth_key(ex), license_id)?;
+                if let Some(fp) = req
+                    .as_ref()
+                    .and_then(|r| r.pointer("/data/attributes/fingerprint"))
+                    .and_then(Value::as_str)
+                    .filter(|f| !f.is_empty())
+                {
+                    e.insert("machine".into(), fp.into());
+                }
+                if let Some(c) = resp
+                    .as_ref()
+                    .and_then(|r| r.pointer("/errors/0/code"))
+                    .and_then(Value::as_str)
+                    .filter(|c| c.len() <= 64)
+                {
+                    e.insert("attrs".into(), json!({ "keygen_code": c }));
+                }
+            }
+            Call::Deactivate(machine) => {
+                e = base_event(ex, "license.deactivated");
+                e.insert("result".into(), status_result(ex.status, resp.as_ref()).into());
+                identify(&mut e, auth_key(ex), None)?;
+                if !machine.is_empty() {
+                    e.insert("machine".into(), machine.into());
+                }
+            }
+        }
+        Ok(vec![Value::Object(e)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::Capture;
+    use http::{HeaderMap, HeaderValue};
+
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/license-apis/");
+
+    fn fixture(name: &str) -> Option<Value> {
+        let text = std::fs::read_to_string(format!("{FIXTURES}{name}")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn ex(method: Method, path: &str, headers: &[(&str, &str)], req: &str, status: u16, resp: &str) -> Exchange {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p.to_string(), Some(q.to_string())),
+            None => (path.to_string(), None),
+        };
+        Exchange {
+            time: 1_764_000_000_123_000_000,
+            method,
+            path,
+            query,
+            request_headers: h,
+            request_body: Capture {
+                bytes: req.as_bytes().to_vec(),
+                complete: true,
+            },
+            status: StatusCode::from_u16(status).unwrap(),
+            response_headers: HeaderMap::new(),
+            response_body: Capture {
+                bytes: resp.as_bytes().to_vec(),
+                complete: true,
+            },
+        }
+    }
+
+    fn one(x: &Exchange) -> Value {
+        let mut v = Keygen.events(x).unwrap();
+        assert_eq!(v.len(), 1);
+        v.remove(0)
+    }
+
+    const VALIDATE_KEY: &str = "/v1/accounts/acme/licenses/actions/validate-key";
+
+    #[test]
+    fn routes_with_and_without_the_account_prefix() {
+        assert_eq!(call(&Method::POST, VALIDATE_KEY), Some(Call::ValidateKey));
+        assert_eq!(
+            call(&Method::POST, "/v1/licenses/actions/validate-key"),
+            Some(Call::ValidateKey)
+        );
+        assert_eq!(
+            call(&Method::GET, "/v1/licenses/8d1f/actions/validate"),
+            Some(Call::ValidateById("8d1f"))
+        );
+        assert_eq!(call(&Method::POST, "/v1/accounts/a/machines"), Some(Call::Activate));
+        assert_eq!(call(&Method::DELETE, "/v1/machines/m1"), Some(Call::Deactivate("m1")));
+        assert_eq!(call(&Method::GET, "/v1/accounts/a/licenses/x"), None);
+        assert_eq!(call(&Method::POST, "/v1/accounts/a/machines/m1/actions/ping"), None);
+    }
+
+    #[test]
+    fn validate_key_with_usage_and_code() {
+        let resp = r#"{"data":{"id":"lic-1","type":"licenses","attributes":{"key":"KEY-1","expiry":"2027-01-01T00:00:00.000Z","maxMachines":3},
+            "relationships":{"machines":{"meta":{"count":2}},"policy":{"data":{"type":"policies","id":"pol-pro"}}}},
+            "meta":{"valid":false,"detail":"fingerprint is not activated","code":"FINGERPRINT_SCOPE_MISMATCH"}}"#;
+        let x = ex(
+            Method::POST,
+            VALIDATE_KEY,
+            &[],
+            r#"{"meta":{"key":"KEY-1","scope":{"fingerprint":"fp-9"}}}"#,
+            200,
+            resp,
+        );
+        assert_eq!(
+            one(&x),
+            json!({"type":"license.validated","time":1_764_000_000_123i64,"result":"domain_mismatch",
+                "attrs":{"keygen_code":"FINGERPRINT_SCOPE_MISMATCH"},"machines_limit":3,"machines_used":2,
+                "expires_at":"2027-01-01T00:00:00.000Z","plan":"pol-pro","license_key":"KEY-1","machine":"fp-9"})
+        );
+    }
+
+    #[test]
+    fn valid_true_with_an_over_limit_code_is_valid_with_its_usage() {
+        let resp = r#"{"data":{"id":"l","attributes":{"maxMachines":2},"relationships":{"machines":{"meta":{"count":3}}}},
+            "meta":{"valid":true,"code":"TOO_MANY_MACHINES"}}"#;
+        let v = one(&ex(
+            Method::POST,
+            VALIDATE_KEY,
+            &[],
+            r#"{"meta":{"key":"K"}}"#,
+            200,
+            resp,
+        ));
+        assert_eq!(v["result"], "valid");
+        assert_eq!(
+            (v["machines_used"].as_u64(), v["machines_limit"].as_u64()),
+            (Some(3), Some(2))
+        );
+        assert_eq!(v["attrs"]["keygen_code"], "TOO_MANY_MACHINES");
+    }
+
+    #[test]
+    fn every_code_of_the_fixture_maps_and_meta_constant_is_read() {
+        let codes = fixture("keygen_validation_codes.json");
+        let Some(codes) = codes else {
+            eprintln!("fixtures not beside the checkout; skipped");
+            return;
+        };
+        let mut seen = 0;
+        let text = codes.to_string();
+        for code in text
+            .split('"')
+            .filter(|s| s.len() > 2 && s.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        {
+            let r = code_result(code);
+            assert_ne!(r, "error", "{code} has no mapping");
+            seen += 1;
+        }
+        assert!(seen >= 38, "{seen} codes");
+        // API 1.0/1.1: the code is in meta.constant.
+        let resp = r#"{"data":null,"meta":{"valid":false,"detail":"is suspended","constant":"SUSPENDED"}}"#;
+        let v = one(&ex(
+            Method::POST,
+            VALIDATE_KEY,
+            &[],
+            r#"{"meta":{"key":"K"}}"#,
+            200,
+            resp,
+        ));
+        assert_eq!(v["result"], "suspended");
+    }
+
+    #[test]
+    fn keys_from_every_credential_form() {
+        let resp = r#"{"data":{"id":"lic-7","attributes":{}},"meta":{"valid":true,"code":"VALID"}}"#;
+        let path = "/v1/licenses/lic-7/actions/validate";
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("license:KEY-B")
+        );
+        for (headers, query, want) in [
+            (vec![("authorization", "License KEY-A")], "", "KEY-A"),
+            (vec![("authorization", basic.as_str())], "", "KEY-B"),
+            (vec![], "?auth=license%3AKEY-C", "KEY-C"),
+        ] {
+            let v = one(&ex(Method::POST, &format!("{path}{query}"), &headers, "", 200, resp));
+            assert_eq!(v["license_key"], want);
+        }
+        // A bearer token is not a license key: the license id is used.
+        let v = one(&ex(
+            Method::POST,
+            path,
+            &[("authorization", "Bearer prod-xyz")],
+            "",
+            200,
+            resp,
+        ));
+        assert_eq!((v.get("license_key"), v["license"].as_str()), (None, Some("lic-7")));
+    }
+
+    #[test]
+    fn activation_deactivation_and_errors() {
+        let req = r#"{"data":{"type":"machines","attributes":{"fingerprint":"4d:Eq"},"relationships":{"license":{"data":{"type":"licenses","id":"lic-1"}}}}}"#;
+        let auth = [("authorization", "License KEY-1")];
+        let v = one(&ex(
+            Method::POST,
+            "/v1/accounts/a/machines",
+            &auth,
+            req,
+            201,
+            r#"{"data":{"id":"m-1"}}"#,
+        ));
+        assert_eq!(
+            (
+                v["type"].as_str(),
+                v["result"].as_str(),
+                v["machine"].as_str(),
+                v["license_key"].as_str()
+            ),
+            (Some("license.activated"), Some("valid"), Some("4d:Eq"), Some("KEY-1"))
+        );
+        let limit = r#"{"errors":[{"title":"Unprocessable resource","detail":"machine count has exceeded maximum allowed for license (4)","code":"MACHINE_LIMIT_EXCEEDED","source":{"pointer":"/data"}}]}"#;
+        let v = one(&ex(Method::POST, "/v1/accounts/a/machines", &[], req, 422, limit));
+        assert_eq!(
+            (v["result"].as_str(), v["license"].as_str()),
+            (Some("limit_exceeded"), Some("lic-1"))
+        );
+        let taken = r#"{"errors":[{"detail":"has already been taken","code":"FINGERPRINT_TAKEN"}]}"#;
+        assert_eq!(
+            one(&ex(Method::POST, "/v1/machines", &auth, req, 422, taken))["result"],
+            "invalid_format"
+        );
+        let v = one(&ex(Method::DELETE, "/v1/machines/m-1", &auth, "", 204, ""));
+        assert_eq!(
+            (v["type"].as_str(), v["machine"].as_str()),
+            (Some("license.deactivated"), Some("m-1"))
+        );
+        // Throttled and failing servers.
+        let v = one(&ex(
+            Method::POST,
+            VALIDATE_KEY,
+            &[],
+            r#"{"meta":{"key":"K"}}"#,
+            429,
+            r#"{"errors":[{"title":"Too many requests"}]}"#,
+        ));
+        assert_eq!(v["result"], "rate_limited");
+        let v = one(&ex(
+            Method::POST,
+            VALIDATE_KEY,
+            &[],
+            r#"{"meta":{"key":"K"}}"#,
+            502,
+            "<html>bad gateway</html>",
+        ));
+        assert_eq!(v["result"], "error");
+        // No identity at all: not recorded, with a reason.
+        let e = Keygen
+            .events(&ex(Method::DELETE, "/v1/machines/m-1", &[], "", 204, ""))
+            .unwrap_err();
+        assert_eq!(e.0, "no_license");
+        // Not a license call: nothing.
+        assert!(Keygen
+            .events(&ex(Method::GET, "/v1/me", &auth, "", 200, "{}"))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn unreadable_answers_are_reasons_not_events() {
+        let mut x = ex(
+            Method::POST,
+            VALIDATE_KEY,
+            &[],
+            r#"{"meta":{"key":"K"}}"#,
+            200,
+            "{not json",
+        );
+        assert_eq!(Keygen.events(&x).unwrap_err().0, "unreadable_response");
+        x.response_body.complete = false;
+        assert_eq!(Keygen.events(&x).unwrap_err().0, "body_incomplete");
+        x.response_headers
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        assert_eq!(Keygen.events(&x).unwrap_err().0, "unreadable_response");
+    }
+}

@@ -1,0 +1,705 @@
+//! The transparent reverse proxy (`[proxy]`): sits between an application and its license
+//! server and turns the license calls it sees into events.
+//!
+//! Owns: forwarding (method, path, query, headers and body upstream; status, headers and body
+//! back, streamed, bytes unchanged), the upstream connection pool, copying a capped prefix of
+//! each body on the side, and handing finished exchanges to the recorder. Does not own: what an
+//! exchange means (the adapters: [`keygen`], …) or storage (the buffer's [`Appender`]).
+//!
+//! # Rules
+//!
+//! * **Transparent.** Bodies are streamed frame by frame, never rebuffered or re-encoded.
+//!   Headers pass unchanged except the hop-by-hop ones (RFC 9110 §7.6.1: `Connection`, the
+//!   headers it names, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`,
+//!   `Upgrade`), which belong to each connection, and `Host`, which names the upstream (as
+//!   nginx's `proxy_pass` does by default).
+//! * **Fail-open.** Nothing keytrail does can fail a request: recording happens after the
+//!   response body has been passed on, in another task, through a bounded queue that is never
+//!   waited on (`try_send`). What cannot be recorded — queue full, a body over the capture cap,
+//!   an answer the adapter cannot read, a full buffer — is counted by reason in
+//!   `keytrail_proxy_unrecorded_total{reason}` and `/v1/status`. An unreachable upstream gets
+//!   a 502, as from any proxy.
+//! * **Privacy.** An exchange (with raw keys in it) lives only in memory. Adapters produce
+//!   events in the ingest schema with `license_key` / `machine` raw, and the same parser as
+//!   `POST /v1/events` pseudonymises them before anything is written.
+
+pub mod keygen;
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use keytrail_common::event::{self, BodyFormat, Context, IngestDefaults};
+use keytrail_common::fingerprint::Fingerprinter;
+use keytrail_common::time::{now_ns, UnixNanos};
+use keytrail_common::wire;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::buffer::{AppendError, Appender};
+use crate::ingest::EventIds;
+use crate::telemetry::AgentMetrics;
+
+/// Bytes of each body kept for the adapter; license API bodies are a few KiB.
+pub const CAPTURE_BYTES: usize = 256 * 1024;
+/// Finished exchanges waiting for the recorder.
+const RECORD_QUEUE: usize = 4096;
+/// Idle upstream connections kept for reuse.
+const MAX_IDLE: usize = 128;
+/// Events one exchange may turn into.
+const MAX_EVENTS_PER_EXCHANGE: usize = 16;
+
+/// Reasons an exchange was not recorded (`keytrail_proxy_unrecorded_total{reason}`).
+pub const UNRECORDED_REASONS: [&[&str]; 7] = [
+    &["queue_full"],
+    &["no_license"],
+    &["body_incomplete"],
+    &["unreadable_response"],
+    &["invalid_event"],
+    &["buffer_full"],
+    &["buffer_error"],
+];
+
+/// A copy of (the start of) a body.
+#[derive(Debug, Clone, Default)]
+pub struct Capture {
+    pub bytes: Vec<u8>,
+    /// The whole body was seen and fit under [`CAPTURE_BYTES`].
+    pub complete: bool,
+}
+
+/// One request and its response, as the adapters see them. Holds raw keys: memory only.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub time: UnixNanos,
+    pub method: Method,
+    /// The path as the client sent it.
+    pub path: String,
+    pub query: Option<String>,
+    pub request_headers: HeaderMap,
+    pub request_body: Capture,
+    pub status: StatusCode,
+    pub response_headers: HeaderMap,
+    pub response_body: Capture,
+}
+
+impl Exchange {
+    /// A query parameter, percent-decoded.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        form_value(self.query.as_deref()?.as_bytes(), name)
+    }
+
+    /// The request body as JSON, when it is JSON.
+    pub fn request_json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.request_body.bytes).ok()
+    }
+}
+
+/// A value of an `application/x-www-form-urlencoded` string, percent-decoded.
+pub fn form_value(form: &[u8], name: &str) -> Option<String> {
+    form.split(|b| *b == b'&').find_map(|pair| {
+        let mut kv = pair.splitn(2, |b| *b == b'=');
+        let k = percent_decode(kv.next()?)?;
+        (k == name)
+            .then(|| percent_decode(kv.next().unwrap_or_default()))
+            .flatten()
+    })
+}
+
+fn percent_decode(s: &[u8]) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = std::str::from_utf8(s.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Why an adapter could not turn an exchange into events (a reason label and a detail).
+#[derive(Debug)]
+pub struct Unreadable(pub &'static str, pub String);
+
+/// Turns license-server exchanges into events of the ingest schema (`license_key` raw).
+pub trait Adapter: Send + Sync {
+    /// The events of one exchange; an empty list for calls that are not license events.
+    fn events(&self, ex: &Exchange) -> Result<Vec<serde_json::Value>, Unreadable>;
+}
+
+/// The adapter named by `proxy.adapter`.
+pub fn adapter(name: &str) -> Result<Box<dyn Adapter>, String> {
+    match name {
+        "keygen" => Ok(Box::new(keygen::Keygen)),
+        other => Err(format!(
+            "proxy.adapter {other:?} is not available in this build yet (keygen is)"
+        )),
+    }
+}
+
+/// A body that passes every frame on unchanged and keeps a copy of the first
+/// [`CAPTURE_BYTES`]; `done` gets the copy when the body ends (or is dropped).
+pub struct Tee<B> {
+    inner: B,
+    bytes: Vec<u8>,
+    overflow: bool,
+    done: Option<Box<dyn FnOnce(Capture) + Send>>,
+}
+
+impl<B: Body> Tee<B> {
+    pub fn new(inner: B, done: Box<dyn FnOnce(Capture) + Send>) -> Self {
+        Tee {
+            inner,
+            bytes: Vec::new(),
+            overflow: false,
+            done: Some(done),
+        }
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(done) = self.done.take() {
+            done(Capture {
+                bytes: std::mem::take(&mut self.bytes),
+                complete: complete && !self.overflow,
+            });
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Tee<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    if this.bytes.len() + d.len() <= CAPTURE_BYTES {
+                        this.bytes.extend_from_slice(d);
+                    } else {
+                        this.overflow = true;
+                    }
+                }
+                if this.inner.is_end_stream() {
+                    this.finish(true);
+                }
+            }
+            Poll::Ready(None) => this.finish(true),
+            Poll::Ready(Some(Err(_))) => this.finish(false),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Tee<B> {
+    fn drop(&mut self) {
+        // An empty body hyper never polled, or a client that went away mid-body.
+        if let Some(done) = self.done.take() {
+            done(Capture {
+                bytes: std::mem::take(&mut self.bytes),
+                complete: false,
+            });
+        }
+    }
+}
+
+/// Where requests go.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// `host[:port]` as the `Host` header.
+    pub authority: String,
+    /// A path prefix of the upstream URL (without the trailing `/`), prepended to every path.
+    pub base_path: String,
+}
+
+impl Upstream {
+    pub fn parse(url: &str) -> Result<Upstream, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("proxy.upstream {url:?}: {e}"))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(format!("proxy.upstream {url:?}: use an http:// or https:// URL")),
+        };
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("proxy.upstream {url:?}: no host"))?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        if uri.query().is_some() {
+            return Err(format!("proxy.upstream {url:?}: a query is not allowed"));
+        }
+        Ok(Upstream {
+            tls,
+            host,
+            port,
+            authority: authority.as_str().to_string(),
+            base_path: uri.path().trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+type UpstreamBody = Tee<Incoming>;
+type Sender = http1::SendRequest<UpstreamBody>;
+
+/// The proxy: one per agent, shared by every connection.
+pub struct Proxy {
+    upstream: Upstream,
+    tls: Option<tokio_rustls::TlsConnector>,
+    idle: Arc<Mutex<Vec<Sender>>>,
+    recorder: tokio::sync::mpsc::Sender<Exchange>,
+    metrics: Arc<AgentMetrics>,
+}
+
+/// The response body the proxy sends: the upstream's, teed, or a short error of its own.
+type ProxyBody = Either<Tee<Incoming>, Full<Bytes>>;
+
+impl Proxy {
+    /// `ca`: the roots an `https://` upstream is checked against (the system's when `None`).
+    pub fn new(
+        upstream: Upstream,
+        ca: Option<&std::path::Path>,
+        recorder: tokio::sync::mpsc::Sender<Exchange>,
+        metrics: Arc<AgentMetrics>,
+    ) -> Result<Proxy, String> {
+        let tls = if upstream.tls {
+            let config = keytrail_common::tls::upstream_client_config(ca)?;
+            Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+        } else {
+            None
+        };
+        Ok(Proxy {
+            upstream,
+            tls,
+            idle: Arc::new(Mutex::new(Vec::new())),
+            recorder,
+            metrics,
+        })
+    }
+
+    async fn connect(&self) -> Result<Sender, String> {
+        let u = &self.upstream;
+        let tcp = TcpStream::connect((u.host.as_str(), u.port))
+            .await
+            .map_err(|e| format!("connecting to {}: {e}", u.authority))?;
+        let _ = tcp.set_nodelay(true);
+        let builder = http1::Builder::new();
+        match &self.tls {
+            Some(tls) => {
+                let name = rustls_pki_types::ServerName::try_from(u.host.clone())
+                    .map_err(|e| format!("upstream host {:?}: {e}", u.host))?;
+                let stream = tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS with {}: {e}", u.authority))?;
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| format!("HTTP with {}: {e}", u.authority))?;
+                tokio::spawn(conn);
+                Ok(sender)
+            }
+            None => {
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| format!("HTTP with {}: {e}", u.authority))?;
+                tokio::spawn(conn);
+                Ok(sender)
+            }
+        }
+    }
+
+    /// Sends on an idle connection, or a new one. A pooled connection the upstream closed
+    /// meanwhile gives the request back unsent: it is retried once on a fresh connection.
+    async fn send(&self, mut req: Request<UpstreamBody>) -> Result<Response<Incoming>, String> {
+        loop {
+            let pooled = self.idle.lock().expect("idle pool").pop();
+            let fresh = pooled.is_none();
+            let mut sender = match pooled {
+                Some(s) => s,
+                None => self.connect().await?,
+            };
+            if sender.ready().await.is_err() {
+                if fresh {
+                    return Err(format!("{} closed the connection", self.upstream.authority));
+                }
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.park(sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(r) if !fresh => req = r,
+                    _ => return Err(format!("{}: {}", self.upstream.authority, e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Returns a connection to the pool once its response body has been read.
+    fn park(&self, mut sender: Sender) {
+        let idle = Arc::clone(&self.idle);
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = idle.lock().expect("idle pool");
+                if idle.len() < MAX_IDLE {
+                    idle.push(sender);
+                }
+            }
+        });
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+        let time = now_ns();
+        let (mut parts, body) = req.into_parts();
+        let path = parts.uri.path().to_string();
+        let query = parts.uri.query().map(str::to_string);
+        let request_slot: Arc<Mutex<Option<Capture>>> = Arc::default();
+        let slot = Arc::clone(&request_slot);
+        let body = Tee::new(body, Box::new(move |c| *slot.lock().expect("capture slot") = Some(c)));
+        let request_headers = parts.headers.clone();
+        strip_hop_by_hop(&mut parts.headers);
+        let target = match &query {
+            Some(q) => format!("{}{path}?{q}", self.upstream.base_path),
+            None => format!("{}{path}", self.upstream.base_path),
+        };
+        parts.uri = match target.parse() {
+            Ok(u) => u,
+            Err(_) => {
+                return Ok(plain(
+                    StatusCode::BAD_REQUEST,
+                    "keytrail proxy: unusable request target",
+                ))
+            }
+        };
+        parts.version = http::Version::HTTP_11;
+        if let Ok(h) = HeaderValue::from_str(&self.upstream.authority) {
+            parts.headers.insert(header::HOST, h);
+        }
+        let method = parts.method.clone();
+        let resp = match self.send(Request::from_parts(parts, body)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "proxy: upstream unavailable");
+                self.metrics.errors.add(&["proxy", "upstream_unavailable"], 1);
+                return Ok(plain(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("keytrail proxy: upstream unavailable: {e}"),
+                ));
+            }
+        };
+        let (mut rparts, rbody) = resp.into_parts();
+        strip_hop_by_hop(&mut rparts.headers);
+        let status = rparts.status;
+        let response_headers = rparts.headers.clone();
+        let recorder = self.recorder.clone();
+        let metrics = Arc::clone(&self.metrics);
+        let done = Box::new(move |response_body: Capture| {
+            let request_body = request_slot.lock().expect("capture slot").take().unwrap_or_default();
+            let ex = Exchange {
+                time,
+                method,
+                path,
+                query,
+                request_headers,
+                request_body,
+                status,
+                response_headers,
+                response_body,
+            };
+            if recorder.try_send(ex).is_err() {
+                metrics.proxy_unrecorded.add(&["queue_full"], 1);
+            }
+        });
+        Ok(Response::from_parts(rparts, Either::Left(Tee::new(rbody, done))))
+    }
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(text.to_string()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Removes the headers that belong to one connection (RFC 9110 §7.6.1).
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        h.remove(n);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+}
+
+/// Serves the proxy until `shutdown` flips.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "proxy accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = Arc::clone(&proxy);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| Arc::clone(&proxy).handle(req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Gives recorded events their defaults (agent id, context, time, id).
+pub struct RecorderDefaults {
+    pub agent_id: String,
+    pub context: Context,
+    pub ids: EventIds,
+    now: std::cell::Cell<UnixNanos>,
+}
+
+impl RecorderDefaults {
+    pub fn new(agent_id: String, context: Context) -> Self {
+        RecorderDefaults {
+            agent_id,
+            context,
+            ids: EventIds::new(),
+            now: std::cell::Cell::new(0),
+        }
+    }
+}
+
+impl IngestDefaults for RecorderDefaults {
+    fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+    fn context(&self) -> &Context {
+        &self.context
+    }
+    fn now(&self) -> UnixNanos {
+        self.now.get()
+    }
+    fn new_event_id(&self) -> String {
+        self.ids.next_id()
+    }
+}
+
+/// Records exchanges off the request path: adapter → ingest parser (pseudonymisation,
+/// validation) → buffer. Exchanges that arrived together go into one append (one group
+/// commit). Never blocks the proxy: the proxy only `try_send`s to this task.
+pub async fn run_recorder(
+    mut rx: tokio::sync::mpsc::Receiver<Exchange>,
+    adapter: Box<dyn Adapter>,
+    fingerprinter: Fingerprinter,
+    defaults: RecorderDefaults,
+    appender: Appender,
+    metrics: Arc<AgentMetrics>,
+) {
+    let mut exchanges = Vec::new();
+    while rx.recv_many(&mut exchanges, 1024).await > 0 {
+        let mut records = Vec::new();
+        let mut count = 0u32;
+        for ex in exchanges.drain(..) {
+            let n = record_one(&ex, adapter.as_ref(), &fingerprinter, &defaults, &metrics, &mut records);
+            count += n;
+        }
+        if count == 0 {
+            continue;
+        }
+        match appender.append(records, count).await {
+            Ok(()) => {
+                metrics.received.add(count as u64);
+                metrics.proxy_recorded.add(count as u64);
+            }
+            Err(AppendError::Full { .. }) => metrics.proxy_unrecorded.add(&["buffer_full"], count as u64),
+            Err(e) => {
+                tracing::warn!(error = %e, "proxy: recording failed");
+                metrics.proxy_unrecorded.add(&["buffer_error"], count as u64);
+            }
+        }
+    }
+}
+
+/// Appends the wire records of one exchange's events; returns how many.
+fn record_one(
+    ex: &Exchange,
+    adapter: &dyn Adapter,
+    fingerprinter: &Fingerprinter,
+    defaults: &RecorderDefaults,
+    metrics: &AgentMetrics,
+    records: &mut Vec<u8>,
+) -> u32 {
+    let values = match adapter.events(ex) {
+        Ok(v) => v,
+        Err(Unreadable(reason, detail)) => {
+            tracing::debug!(reason, %detail, path = %ex.path, "proxy: exchange not recorded");
+            metrics.proxy_unrecorded.add(&[reason], 1);
+            return 0;
+        }
+    };
+    if values.is_empty() {
+        return 0;
+    }
+    let n = values.len().min(MAX_EVENTS_PER_EXCHANGE);
+    let mut body = Vec::new();
+    for v in values.into_iter().take(n) {
+        body.extend_from_slice(v.to_string().as_bytes());
+        body.push(b'\n');
+    }
+    defaults.now.set(ex.time);
+    match event::parse_body(
+        &body,
+        BodyFormat::Ndjson,
+        fingerprinter,
+        defaults,
+        MAX_EVENTS_PER_EXCHANGE,
+    ) {
+        Ok(events) => {
+            for e in &events {
+                wire::append_event(e, records);
+            }
+            events.len() as u32
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, path = %ex.path, "proxy: adapter produced an invalid event");
+            metrics.proxy_unrecorded.add(&["invalid_event"], n as u64);
+            0
+        }
+    }
+}
+
+/// `RECORD_QUEUE`-deep channel between the proxy and its recorder.
+pub fn record_channel() -> (
+    tokio::sync::mpsc::Sender<Exchange>,
+    tokio::sync::mpsc::Receiver<Exchange>,
+) {
+    tokio::sync::mpsc::channel(RECORD_QUEUE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn form_values_are_decoded() {
+        let f = b"license_key=AB%2DC+D&instance_name=x%20y&empty=&flag";
+        assert_eq!(form_value(f, "license_key").as_deref(), Some("AB-C D"));
+        assert_eq!(form_value(f, "instance_name").as_deref(), Some("x y"));
+        assert_eq!(form_value(f, "empty").as_deref(), Some(""));
+        assert_eq!(form_value(f, "missing"), None);
+        assert_eq!(form_value(b"k=%zz", "k"), None, "bad escape");
+        assert_eq!(form_value(b"k=%4", "k"), None, "cut escape");
+    }
+
+    #[test]
+    fn upstream_urls() {
+        let u = Upstream::parse("https://api.keygen.sh").unwrap();
+        assert!(u.tls);
+        assert_eq!(
+            (u.host.as_str(), u.port, u.base_path.as_str()),
+            ("api.keygen.sh", 443, "")
+        );
+        let u = Upstream::parse("http://127.0.0.1:3000/base/").unwrap();
+        assert_eq!(
+            (u.port, u.base_path.as_str(), u.authority.as_str()),
+            (3000, "/base", "127.0.0.1:3000")
+        );
+        assert!(Upstream::parse("ftp://x").is_err());
+        assert!(Upstream::parse("http://x/?q=1").is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("License k"));
+        h.insert("keygen-signature", HeaderValue::from_static("sig"));
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, vec!["authorization", "keygen-signature"]);
+    }
+
+    #[tokio::test]
+    async fn tee_passes_frames_and_keeps_a_capped_copy() {
+        let got: Arc<Mutex<Option<Capture>>> = Arc::default();
+        let g = Arc::clone(&got);
+        let body = Full::new(Bytes::from_static(b"hello"));
+        let tee = Tee::new(body, Box::new(move |c| *g.lock().unwrap() = Some(c)));
+        let out = tee.collect().await.unwrap().to_bytes();
+        assert_eq!(&out[..], b"hello");
+        let c = got.lock().unwrap().take().unwrap();
+        assert!(c.complete);
+        assert_eq!(c.bytes, b"hello");
+        // Over the cap: passed on whole, copy marked incomplete.
+        let big = Bytes::from(vec![7u8; CAPTURE_BYTES + 1]);
+        let g = Arc::clone(&got);
+        let tee = Tee::new(Full::new(big.clone()), Box::new(move |c| *g.lock().unwrap() = Some(c)));
+        assert_eq!(tee.collect().await.unwrap().to_bytes(), big);
+        assert!(!got.lock().unwrap().take().unwrap().complete);
+    }
+}
