@@ -177,6 +177,20 @@ fn base_event(ex: &Exchange, ty: &str) -> Map<String, Value> {
     e
 }
 
+/// Keygen license and machine ids are UUIDs; Keygen also accepts a license's key in their
+/// place, so anything else in an id position is treated as a key (and pseudonymised).
+fn is_uuid(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| {
+            if [8, 13, 18, 23].contains(&i) {
+                *c == b'-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        })
+}
+
 /// Identity: a key wins over a license id (one license, one pseudonym).
 fn identify(e: &mut Map<String, Value>, key: Option<String>, license_id: Option<&str>) -> Result<(), Unreadable> {
     match (key, license_id) {
@@ -237,6 +251,11 @@ impl Adapter for Keygen {
                 let id = match call {
                     Call::ValidateById(id) => Some(id),
                     _ => data.and_then(|d| d.get("id")).and_then(Value::as_str),
+                };
+                // A key in the id position of the path is a key, not an id.
+                let (key, id) = match (key, id) {
+                    (None, Some(id)) if !is_uuid(id) => (Some(id.to_string()), None),
+                    other => other,
                 };
                 identify(&mut e, key, id)?;
                 if let Some(fp) = req
@@ -429,8 +448,10 @@ mod tests {
 
     #[test]
     fn keys_from_every_credential_form() {
-        let resp = r#"{"data":{"id":"lic-7","attributes":{}},"meta":{"valid":true,"code":"VALID"}}"#;
-        let path = "/v1/licenses/lic-7/actions/validate";
+        let id = "8f1d2c3b-0a9e-4f5d-8c7b-6a5e4d3c2b1a";
+        let resp = format!(r#"{{"data":{{"id":"{id}","attributes":{{}}}},"meta":{{"valid":true,"code":"VALID"}}}}"#);
+        let resp = resp.as_str();
+        let path = format!("/v1/licenses/{id}/actions/validate");
         let basic = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode("license:KEY-B")
@@ -446,13 +467,26 @@ mod tests {
         // A bearer token is not a license key: the license id is used.
         let v = one(&ex(
             Method::POST,
-            path,
+            &path,
             &[("authorization", "Bearer prod-xyz")],
             "",
             200,
             resp,
         ));
-        assert_eq!((v.get("license_key"), v["license"].as_str()), (None, Some("lic-7")));
+        assert_eq!((v.get("license_key"), v["license"].as_str()), (None, Some(id)));
+        // Keygen accepts a key where the id goes: then it is a key, never stored raw.
+        let v = one(&ex(
+            Method::POST,
+            "/v1/licenses/KEY-IN-PATH/actions/validate",
+            &[],
+            "",
+            200,
+            resp,
+        ));
+        assert_eq!(
+            (v["license_key"].as_str(), v.get("license")),
+            (Some("KEY-IN-PATH"), None)
+        );
     }
 
     #[test]

@@ -593,7 +593,8 @@ fn record_one(
     let values = match adapter.events(ex) {
         Ok(v) => v,
         Err(Unreadable(reason, detail)) => {
-            tracing::debug!(reason, %detail, path = %ex.path, "proxy: exchange not recorded");
+            // Not the path: Keygen accepts keys in it.
+            tracing::debug!(reason, %detail, method = %ex.method, status = ex.status.as_u16(), "proxy: exchange not recorded");
             metrics.proxy_unrecorded.add(&[reason], 1);
             return 0;
         }
@@ -622,7 +623,7 @@ fn record_one(
             events.len() as u32
         }
         Err(e) => {
-            tracing::warn!(error = %e, path = %ex.path, "proxy: adapter produced an invalid event");
+            tracing::warn!(error = %e, method = %ex.method, status = ex.status.as_u16(), "proxy: adapter produced an invalid event");
             metrics.proxy_unrecorded.add(&["invalid_event"], n as u64);
             0
         }
