@@ -13,7 +13,7 @@ use http::{header, Method, StatusCode};
 use keytrail_common::time::parse_rfc3339_ns;
 use serde_json::{json, Map, Value};
 
-use super::{Adapter, Exchange, Unreadable};
+use super::{new_event, Adapter, Exchange, Unreadable};
 
 pub struct Keygen;
 
@@ -110,32 +110,6 @@ fn status_result(status: StatusCode, body: Option<&Value>) -> &'static str {
     }
 }
 
-fn response_json(ex: &Exchange) -> Result<Option<Value>, Unreadable> {
-    if ex.status == StatusCode::NO_CONTENT || ex.response_body.bytes.is_empty() {
-        return Ok(None);
-    }
-    if let Some(enc) = ex.response_headers.get(header::CONTENT_ENCODING) {
-        if enc.as_bytes() != b"identity" {
-            return Err(Unreadable(
-                "unreadable_response",
-                format!("compressed response ({})", String::from_utf8_lossy(enc.as_bytes())),
-            ));
-        }
-    }
-    if !ex.response_body.complete {
-        return Err(Unreadable(
-            "body_incomplete",
-            "response body cut or over the capture cap".into(),
-        ));
-    }
-    match serde_json::from_slice(&ex.response_body.bytes) {
-        Ok(v) => Ok(Some(v)),
-        // Error pages of proxies and load balancers in front of Keygen are often HTML.
-        Err(_) if !ex.status.is_success() => Ok(None),
-        Err(e) => Err(Unreadable("unreadable_response", format!("response is not JSON: {e}"))),
-    }
-}
-
 /// License fields of a license document (`data` of a validation answer).
 fn license_fields(e: &mut Map<String, Value>, data: &Value) {
     let attr = |name: &str| data.pointer(&format!("/attributes/{name}"));
@@ -168,13 +142,6 @@ fn license_fields(e: &mut Map<String, Value>, data: &Value) {
             e.insert(field.into(), v.into());
         }
     }
-}
-
-fn base_event(ex: &Exchange, ty: &str) -> Map<String, Value> {
-    let mut e = Map::new();
-    e.insert("type".into(), ty.into());
-    e.insert("time".into(), (ex.time / 1_000_000).into());
-    e
 }
 
 /// Keygen license and machine ids are UUIDs; Keygen also accepts a license's key in their
@@ -216,11 +183,11 @@ impl Adapter for Keygen {
             return Ok(Vec::new());
         };
         let req = ex.request_json();
-        let resp = response_json(ex)?;
+        let resp = ex.response_json()?;
         let mut e;
         match call {
             Call::ValidateKey | Call::ValidateById(_) => {
-                e = base_event(ex, "license.validated");
+                e = new_event(ex, "license.validated");
                 let meta = resp.as_ref().and_then(|r| r.get("meta"));
                 let code = meta
                     .and_then(|m| m.get("code").or_else(|| m.get("constant")))
@@ -268,7 +235,7 @@ impl Adapter for Keygen {
                 }
             }
             Call::Activate => {
-                e = base_event(ex, "license.activated");
+                e = new_event(ex, "license.activated");
                 e.insert("result".into(), status_result(ex.status, resp.as_ref()).into());
                 let license_id = req
                     .as_ref()
@@ -293,7 +260,7 @@ impl Adapter for Keygen {
                 }
             }
             Call::Deactivate(machine) => {
-                e = base_event(ex, "license.deactivated");
+                e = new_event(ex, "license.deactivated");
                 e.insert("result".into(), status_result(ex.status, resp.as_ref()).into());
                 identify(&mut e, auth_key(ex), None)?;
                 if !machine.is_empty() {

@@ -23,7 +23,9 @@
 //!   events in the ingest schema with `license_key` / `machine` raw, and the same parser as
 //!   `POST /v1/events` pseudonymises them before anything is written.
 
+pub mod gumroad;
 pub mod keygen;
+pub mod lemonsqueezy;
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -100,6 +102,69 @@ impl Exchange {
     pub fn request_json(&self) -> Option<serde_json::Value> {
         serde_json::from_slice(&self.request_body.bytes).ok()
     }
+
+    /// A request parameter as license APIs accept them: a top-level field of a JSON body, a
+    /// field of a form-encoded body, or a query parameter (in that order).
+    pub fn request_field(&self, name: &str) -> Option<String> {
+        let body = &self.request_body.bytes;
+        let from_body = if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            self.request_json().and_then(|v| match v.get(name)? {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+        } else {
+            form_value(body, name)
+        };
+        from_body.or_else(|| self.query_param(name))
+    }
+
+    /// The response body as JSON: `Ok(None)` for an empty body or a non-JSON error page.
+    pub fn response_json(&self) -> Result<Option<serde_json::Value>, Unreadable> {
+        if self.status == StatusCode::NO_CONTENT || self.response_body.bytes.is_empty() {
+            return Ok(None);
+        }
+        if let Some(enc) = self.response_headers.get(header::CONTENT_ENCODING) {
+            if enc.as_bytes() != b"identity" {
+                return Err(Unreadable(
+                    "unreadable_response",
+                    format!("compressed response ({})", String::from_utf8_lossy(enc.as_bytes())),
+                ));
+            }
+        }
+        if !self.response_body.complete {
+            return Err(Unreadable(
+                "body_incomplete",
+                "response body cut or over the capture cap".into(),
+            ));
+        }
+        match serde_json::from_slice(&self.response_body.bytes) {
+            Ok(v) => Ok(Some(v)),
+            // Error pages of proxies and load balancers in front of the server are often HTML.
+            Err(_) if !self.status.is_success() => Ok(None),
+            Err(e) => Err(Unreadable("unreadable_response", format!("response is not JSON: {e}"))),
+        }
+    }
+}
+
+/// An event of the ingest schema under construction: type and time set.
+pub fn new_event(ex: &Exchange, ty: &str) -> serde_json::Map<String, serde_json::Value> {
+    let mut e = serde_json::Map::new();
+    e.insert("type".into(), ty.into());
+    e.insert("time".into(), (ex.time / 1_000_000).into());
+    e
+}
+
+/// Sets `field` to a short string value (ids and names over 128 bytes are left out).
+pub fn put_str(e: &mut serde_json::Map<String, serde_json::Value>, field: &str, v: Option<&serde_json::Value>) {
+    let s = match v {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Number(n)) => n.to_string(),
+        _ => return,
+    };
+    if !s.is_empty() && s.len() <= 128 {
+        e.insert(field.into(), s.into());
+    }
 }
 
 /// A value of an `application/x-www-form-urlencoded` string, percent-decoded.
@@ -145,8 +210,10 @@ pub trait Adapter: Send + Sync {
 pub fn adapter(name: &str) -> Result<Box<dyn Adapter>, String> {
     match name {
         "keygen" => Ok(Box::new(keygen::Keygen)),
+        "lemonsqueezy" => Ok(Box::new(lemonsqueezy::LemonSqueezy)),
+        "gumroad" => Ok(Box::new(gumroad::Gumroad)),
         other => Err(format!(
-            "proxy.adapter {other:?} is not available in this build yet (keygen is)"
+            "proxy.adapter {other:?} is not available in this build yet (keygen, lemonsqueezy and gumroad are)"
         )),
     }
 }
@@ -572,7 +639,11 @@ pub async fn run_recorder(
                 metrics.received.add(count as u64);
                 metrics.proxy_recorded.add(count as u64);
             }
-            Err(AppendError::Full { .. }) => metrics.proxy_unrecorded.add(&["buffer_full"], count as u64),
+            Err(AppendError::Full { .. }) => {
+                // Also a buffer drop (contract: "proxy traffic still flows, drops are counted").
+                metrics.proxy_unrecorded.add(&["buffer_full"], count as u64);
+                metrics.discarded.add(&["proxy_buffer_full"], count as u64);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "proxy: recording failed");
                 metrics.proxy_unrecorded.add(&["buffer_error"], count as u64);
