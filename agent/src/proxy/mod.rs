@@ -9,6 +9,8 @@
 //! # Rules
 //!
 //! * **Transparent.** Bodies are streamed frame by frame, never rebuffered or re-encoded.
+//!   Clients may speak HTTP/1.1 or HTTP/2 (cleartext, prior knowledge); the upstream is
+//!   spoken to in HTTP/1.1 over kept-alive connections, as nginx does.
 //!   Headers pass unchanged except the hop-by-hop ones (RFC 9110 §7.6.1: `Connection`, the
 //!   headers it names, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`,
 //!   `Upgrade`), which belong to each connection, and `Host`, which names the upstream (as
@@ -571,7 +573,8 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: tokio
         let proxy = Arc::clone(&proxy);
         tokio::spawn(async move {
             let service = service_fn(move |req| Arc::clone(&proxy).handle(req));
-            let _ = hyper::server::conn::http1::Builder::new()
+            // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c prior knowledge).
+            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
@@ -754,6 +757,187 @@ mod tests {
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, vec!["authorization", "keygen-signature"]);
+    }
+
+    /// A proxy in front of an in-process upstream that answers every request with its body
+    /// reversed; returns the proxy's address and the recorder's queue.
+    struct Echo {
+        addr: std::net::SocketAddr,
+        rx: tokio::sync::mpsc::Receiver<Exchange>,
+        proxy: Arc<Proxy>,
+        /// Connections the upstream accepted.
+        accepted: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    async fn proxy_in_front_of_echo() -> Echo {
+        proxy_in_front_of(None).await
+    }
+
+    /// With `tls`: the upstream speaks TLS with a certificate of the dev PKI in that directory.
+    async fn proxy_in_front_of(tls: Option<&std::path::Path>) -> Echo {
+        let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        let acceptor = tls.map(|dir| {
+            let config =
+                keytrail_common::tls::server_config(&dir.join("collector.crt"), &dir.join("collector.key"), None)
+                    .unwrap();
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        });
+        let accepted: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = up.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(|req: Request<Incoming>| async move {
+                        let version = format!("{:?}", req.version());
+                        let mut body = req.into_body().collect().await?.to_bytes().to_vec();
+                        body.reverse();
+                        let mut r = Response::new(Full::new(Bytes::from(body)));
+                        r.headers_mut()
+                            .insert("x-upstream-version", HeaderValue::from_str(&version).unwrap());
+                        Ok::<_, hyper::Error>(r)
+                    });
+                    match acceptor {
+                        Some(a) => {
+                            let Ok(s) = a.accept(s).await else { return };
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(s), svc)
+                                .await;
+                        }
+                        None => {
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(s), svc)
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        let (tx, rx) = record_channel();
+        let (url, ca) = match tls {
+            Some(dir) => (
+                format!("https://localhost:{}", up_addr.port()),
+                Some(dir.join("ca.crt")),
+            ),
+            None => (format!("http://{up_addr}"), None),
+        };
+        let upstream = Upstream::parse(&url).unwrap();
+        let proxy = Arc::new(Proxy::new(upstream, ca.as_deref(), tx, Arc::new(AgentMetrics::default())).unwrap());
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+        let p = Arc::clone(&proxy);
+        tokio::spawn(async move {
+            let _keep = _stop;
+            serve(l, p, stop_rx).await
+        });
+        Echo {
+            addr,
+            rx,
+            proxy,
+            accepted,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http2_clients_are_served_and_recorded() {
+        let Echo { addr, mut rx, .. } = proxy_in_front_of_echo().await;
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for i in 0..3 {
+            let req = Request::post(format!("http://{addr}/v1/licenses/actions/validate-key?n={i}"))
+                .body(Full::new(Bytes::from(format!("abc{i}"))))
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.version(), http::Version::HTTP_2);
+            assert_eq!(resp.headers()["x-upstream-version"], "HTTP/1.1");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], format!("{i}cba").as_bytes());
+            let ex = rx.recv().await.unwrap();
+            assert_eq!(ex.path, "/v1/licenses/actions/validate-key");
+            assert_eq!(ex.query.as_deref(), Some(format!("n={i}").as_str()));
+            assert_eq!(ex.request_body.bytes, format!("abc{i}").as_bytes());
+            assert!(ex.response_body.complete);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn upstream_connections_are_reused() {
+        let Echo {
+            addr,
+            mut rx,
+            proxy,
+            accepted,
+        } = proxy_in_front_of_echo().await;
+        for i in 0..5 {
+            // The previous exchange's connection is back in the pool (parked once its
+            // response was read).
+            for _ in 0..500 {
+                if i == 0 || proxy.idle.lock().unwrap().len() == 1 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            let req = Request::post("/x")
+                .body(Full::new(Bytes::from(vec![b'a'; i * 1000])))
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes().len(), i * 1000);
+            rx.recv().await.unwrap();
+        }
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one upstream connection for five clients"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn https_upstreams_are_verified_against_the_configured_ca() {
+        keytrail_common::tls::install_crypto_provider();
+        let dir = std::env::temp_dir().join(format!("kt-proxy-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        keytrail_common::pki::write_dev_pki(&dir, &["localhost".to_string()], &[]).unwrap();
+        let Echo { addr, mut rx, .. } = proxy_in_front_of(Some(&dir)).await;
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let resp = sender
+            .send_request(
+                Request::post("/v1/x")
+                    .body(Full::new(Bytes::from_static(b"tls")))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"slt");
+        assert_eq!(rx.recv().await.unwrap().response_body.bytes, b"slt");
+        // Another CA: the upstream is refused, and the client gets a 502 naming TLS.
+        let other = dir.join("other");
+        keytrail_common::pki::write_dev_pki(&other, &["localhost".to_string()], &[]).unwrap();
+        std::fs::copy(other.join("ca.crt"), dir.join("ca.crt")).unwrap();
+        let Echo { addr, .. } = proxy_in_front_of(Some(&dir)).await;
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let resp = sender
+            .send_request(Request::post("/v1/x").body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        let text = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&text).contains("TLS"), "{text:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
