@@ -537,8 +537,9 @@ mod tests {
         assert_eq!(Keygen.events(&x).unwrap_err().0, "unreadable_response");
         x.response_body.complete = false;
         assert_eq!(Keygen.events(&x).unwrap_err().0, "body_incomplete");
+        x.response_body.complete = true;
         x.response_headers
             .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        assert_eq!(Keygen.events(&x).unwrap_err().0, "unreadable_response");
+        assert_eq!(Keygen.events(&x).unwrap_err().0, "unreadable_response", "not gzip");
     }
 }

@@ -126,27 +126,71 @@ impl Exchange {
         if self.status == StatusCode::NO_CONTENT || self.response_body.bytes.is_empty() {
             return Ok(None);
         }
-        if let Some(enc) = self.response_headers.get(header::CONTENT_ENCODING) {
-            if enc.as_bytes() != b"identity" {
-                return Err(Unreadable(
-                    "unreadable_response",
-                    format!("compressed response ({})", String::from_utf8_lossy(enc.as_bytes())),
-                ));
-            }
-        }
         if !self.response_body.complete {
             return Err(Unreadable(
                 "body_incomplete",
                 "response body cut or over the capture cap".into(),
             ));
         }
-        match serde_json::from_slice(&self.response_body.bytes) {
+        let decoded;
+        let bytes = match self
+            .response_headers
+            .get(header::CONTENT_ENCODING)
+            .map(|v| v.as_bytes())
+        {
+            None | Some(b"identity") => &self.response_body.bytes[..],
+            Some(enc) => {
+                decoded = decompress(enc, &self.response_body.bytes)?;
+                &decoded[..]
+            }
+        };
+        match serde_json::from_slice(bytes) {
             Ok(v) => Ok(Some(v)),
             // Error pages of proxies and load balancers in front of the server are often HTML.
             Err(_) if !self.status.is_success() => Ok(None),
             Err(e) => Err(Unreadable("unreadable_response", format!("response is not JSON: {e}"))),
         }
     }
+}
+
+/// The most a compressed response may expand to before the adapter gives up on it.
+const MAX_DECODED_BYTES: u64 = 4 * CAPTURE_BYTES as u64;
+
+/// A copy of a `gzip` / `deflate` response body, decompressed under a cap (the client gets
+/// the compressed bytes as sent).
+fn decompress(encoding: &[u8], bytes: &[u8]) -> Result<Vec<u8>, Unreadable> {
+    use std::io::Read;
+    let enc = String::from_utf8_lossy(encoding).trim().to_ascii_lowercase();
+    let mut out = Vec::new();
+    let read = match enc.as_str() {
+        "gzip" | "x-gzip" => flate2::read::GzDecoder::new(bytes)
+            .take(MAX_DECODED_BYTES + 1)
+            .read_to_end(&mut out),
+        // HTTP's "deflate" is zlib-wrapped; some servers send raw deflate.
+        "deflate" => flate2::read::ZlibDecoder::new(bytes)
+            .take(MAX_DECODED_BYTES + 1)
+            .read_to_end(&mut out)
+            .or_else(|_| {
+                out.clear();
+                flate2::read::DeflateDecoder::new(bytes)
+                    .take(MAX_DECODED_BYTES + 1)
+                    .read_to_end(&mut out)
+            }),
+        other => {
+            return Err(Unreadable(
+                "unreadable_response",
+                format!("response encoding {other:?} is not read (gzip and deflate are)"),
+            ))
+        }
+    };
+    read.map_err(|e| Unreadable("unreadable_response", format!("{enc} response: {e}")))?;
+    if out.len() as u64 > MAX_DECODED_BYTES {
+        return Err(Unreadable(
+            "body_incomplete",
+            format!("{enc} response expands past {MAX_DECODED_BYTES} bytes"),
+        ));
+    }
+    Ok(out)
 }
 
 /// An event of the ingest schema under construction: type and time set.
@@ -726,6 +770,30 @@ mod tests {
         assert_eq!(form_value(f, "missing"), None);
         assert_eq!(form_value(b"k=%zz", "k"), None, "bad escape");
         assert_eq!(form_value(b"k=%4", "k"), None, "cut escape");
+    }
+
+    #[test]
+    fn compressed_responses_are_read_from_a_capped_copy() {
+        use std::io::Write;
+        let json = br#"{"meta":{"valid":true,"code":"VALID"}}"#;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(json).unwrap();
+        let gz = gz.finish().unwrap();
+        assert_eq!(decompress(b"gzip", &gz).unwrap(), json);
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(json).unwrap();
+        assert_eq!(decompress(b"deflate", &z.finish().unwrap()).unwrap(), json);
+        let mut raw = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        raw.write_all(json).unwrap();
+        assert_eq!(decompress(b"Deflate", &raw.finish().unwrap()).unwrap(), json);
+        assert_eq!(decompress(b"br", b"x").unwrap_err().0, "unreadable_response");
+        assert_eq!(decompress(b"gzip", b"not gzip").unwrap_err().0, "unreadable_response");
+        // A bomb: 64 MiB of zeros in well under the capture cap is refused at the cap.
+        let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        bomb.write_all(&vec![0u8; 64 << 20]).unwrap();
+        let bomb = bomb.finish().unwrap();
+        assert!(bomb.len() < CAPTURE_BYTES);
+        assert_eq!(decompress(b"gzip", &bomb).unwrap_err().0, "body_incomplete");
     }
 
     #[test]
