@@ -54,6 +54,8 @@ pub struct RawProxy {
     pub upstream: Option<String>,
     pub adapter: Option<String>,
     pub upstream_ca: Option<PathBuf>,
+    /// `[[proxy.routes]]`: the generic adapter's mapping.
+    pub routes: Option<Vec<crate::proxy::generic::RawRoute>>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -104,6 +106,8 @@ pub struct ProxyConfig {
     pub adapter: String,
     /// CA file for an `https://` upstream; the system bundle when `None`.
     pub upstream_ca: Option<PathBuf>,
+    /// The generic adapter's routes (empty for the vendor adapters).
+    pub routes: Vec<crate::proxy::generic::Route>,
 }
 
 /// Where and how batches are shipped.
@@ -253,11 +257,25 @@ impl AgentConfig {
                     "proxy.adapter {adapter:?}: use keygen, lemonsqueezy, gumroad or generic"
                 ));
             }
+            let mut routes = Vec::new();
+            for (i, raw) in p.routes.iter().flatten().enumerate() {
+                match crate::proxy::generic::Route::from_raw(i, raw) {
+                    Ok(r) => routes.push(r),
+                    Err(e) => err(e),
+                }
+            }
+            if adapter == "generic" && p.routes.as_ref().is_none_or(|r| r.is_empty()) {
+                err("proxy.adapter \"generic\" needs at least one [[proxy.routes]] (see deploy/config/agent-generic-proxy.example.toml)".into());
+            }
+            if adapter != "generic" && p.routes.is_some() {
+                err(format!("proxy.routes: only the generic adapter takes routes (adapter is {adapter:?})"));
+            }
             ProxyConfig {
                 listen: listen.unwrap_or_else(|| ([127, 0, 0, 1], 7080).into()),
                 upstream,
                 adapter,
                 upstream_ca: p.upstream_ca,
+                routes,
             }
         });
 
@@ -371,7 +389,7 @@ impl AgentConfig {
                     errors.push(e);
                 }
             }
-            if let Err(e) = crate::proxy::adapter(&p.adapter) {
+            if let Err(e) = crate::proxy::adapter(p) {
                 errors.push(e);
             }
         }
@@ -455,6 +473,16 @@ mod tests {
         }
         let err = AgentConfig::parse(&format!("{MINIMAL}\n[buffer]\nwhen_ful = \"x\"\n")).unwrap_err();
         assert!(err.contains("when_ful"), "{err}");
+        let err = AgentConfig::parse(&format!(
+            "{MINIMAL}\n[proxy]\nupstream = \"http://a\"\nadapter = \"generic\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("needs at least one [[proxy.routes]]"), "{err}");
+        let err = AgentConfig::parse(&format!(
+            "{MINIMAL}\n[proxy]\nupstream = \"http://a\"\nadapter = \"keygen\"\n[[proxy.routes]]\npath = \"/x\"\ntype = \"license.validated\"\nfields = {{ license = \"const:a\" }}\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("only the generic adapter takes routes"), "{err}");
     }
 }
 
@@ -483,5 +511,82 @@ mod example_tests {
         let p = c.proxy.unwrap();
         assert_eq!(p.adapter, "keygen");
         assert!(p.upstream_ca.is_some());
+    }
+
+    #[test]
+    fn the_generic_proxy_example_parses_and_maps_its_worked_example() {
+        use crate::proxy::{Capture, Exchange};
+        let c = AgentConfig::parse(include_str!("../../deploy/config/agent-generic-proxy.example.toml")).unwrap();
+        let p = c.proxy.unwrap();
+        assert_eq!((p.adapter.as_str(), p.routes.len()), ("generic", 3));
+        let adapter = crate::proxy::adapter(&p).unwrap();
+        let ex = |method: &str, path: &str, headers: &[(&str, &str)], body: &str, status: u16, resp: &str| {
+            let mut h = http::HeaderMap::new();
+            for (k, v) in headers {
+                h.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            }
+            Exchange {
+                time: 1_764_000_000_000_000_000,
+                method: method.parse().unwrap(),
+                path: path.into(),
+                query: None,
+                request_headers: h,
+                request_body: Capture {
+                    bytes: body.as_bytes().to_vec(),
+                    complete: true,
+                },
+                status: http::StatusCode::from_u16(status).unwrap(),
+                response_headers: http::HeaderMap::new(),
+                response_body: Capture {
+                    bytes: resp.as_bytes().to_vec(),
+                    complete: true,
+                },
+            }
+        };
+        let resp = r#"{"license":{"tier":"gold","state":"lapsed","seats":{"used":4,"max":5},"expires":"2027-01-01T00:00:00Z"}}"#;
+        let v = adapter
+            .events(&ex(
+                "POST",
+                "/api/v2/licenses/L-9/verify",
+                &[],
+                r#"{"key":"K","device":"d1"}"#,
+                200,
+                resp,
+            ))
+            .unwrap();
+        assert_eq!(
+            v[0],
+            serde_json::json!({"type":"license.validated","time":1_764_000_000_000i64,"license_key":"K","machine":"d1",
+                "plan":"gold","seats_used":4,"seats_limit":5,"expires_at":"2027-01-01T00:00:00Z",
+                "attrs":{"acme_license_id":"L-9"},"result":"expired"})
+        );
+        let v = adapter
+            .events(&ex(
+                "POST",
+                "/api/v2/activations",
+                &[],
+                "license_key=K&device=d2",
+                409,
+                r#"{"reason":"seat_limit"}"#,
+            ))
+            .unwrap();
+        assert_eq!(
+            (v[0]["type"].as_str(), v[0]["result"].as_str()),
+            (Some("license.activated"), Some("limit_exceeded"))
+        );
+        let v = adapter
+            .events(&ex(
+                "DELETE",
+                "/api/v2/activations/d2",
+                &[("x-license-key", "K")],
+                "",
+                204,
+                "",
+            ))
+            .unwrap();
+        assert_eq!(
+            (v[0]["type"].as_str(), v[0]["machine"].as_str(), v[0]["result"].as_str()),
+            (Some("license.deactivated"), Some("d2"), Some("valid"))
+        );
     }
 }

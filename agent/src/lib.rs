@@ -25,7 +25,7 @@ use crate::telemetry::AgentMetrics;
 /// simply resent next time) → let the writer answer what it holds → final flush.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let proxy_adapter = match &config.proxy {
-        Some(p) => Some(proxy::adapter(&p.adapter).map_err(anyhow::Error::msg)?),
+        Some(p) => Some(proxy::adapter(p).map_err(anyhow::Error::msg)?),
         None => None,
     };
     let fingerprinter = Fingerprinter::from_file(&config.fingerprint_secret_file).map_err(anyhow::Error::msg)?;

@@ -25,6 +25,7 @@
 //!   events in the ingest schema with `license_key` / `machine` raw, and the same parser as
 //!   `POST /v1/events` pseudonymises them before anything is written.
 
+pub mod generic;
 pub mod gumroad;
 pub mod keygen;
 pub mod lemonsqueezy;
@@ -252,14 +253,17 @@ pub trait Adapter: Send + Sync {
     fn events(&self, ex: &Exchange) -> Result<Vec<serde_json::Value>, Unreadable>;
 }
 
-/// The adapter named by `proxy.adapter`.
-pub fn adapter(name: &str) -> Result<Box<dyn Adapter>, String> {
-    match name {
+/// The adapter `[proxy]` names.
+pub fn adapter(config: &crate::config::ProxyConfig) -> Result<Box<dyn Adapter>, String> {
+    match config.adapter.as_str() {
         "keygen" => Ok(Box::new(keygen::Keygen)),
         "lemonsqueezy" => Ok(Box::new(lemonsqueezy::LemonSqueezy)),
         "gumroad" => Ok(Box::new(gumroad::Gumroad)),
+        "generic" => Ok(Box::new(generic::Generic {
+            routes: config.routes.clone(),
+        })),
         other => Err(format!(
-            "proxy.adapter {other:?} is not available in this build yet (keygen, lemonsqueezy and gumroad are)"
+            "proxy.adapter {other:?}: use keygen, lemonsqueezy, gumroad or generic"
         )),
     }
 }
