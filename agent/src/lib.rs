@@ -72,7 +72,29 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             appender.clone(),
             Arc::clone(&metrics),
         )));
-        proxy_tasks.push(tokio::spawn(proxy::serve(l, Arc::new(px), stop_rx.clone())));
+        // The proxy runs on its own single-threaded runtime: a request, its upstream exchange
+        // and its response stay on one thread, with no cross-core wake-ups on the request path
+        // (the way nginx's event loop works). Recording runs on the main runtime.
+        let listener = l.into_std()?;
+        let (px, stop) = (Arc::new(px), stop_rx.clone());
+        std::thread::Builder::new()
+            .name("keytrail-proxy".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "starting the proxy runtime failed; the proxy is down");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => proxy::serve(l, px, stop).await,
+                        Err(e) => tracing::error!(error = %e, "the proxy listener failed; the proxy is down"),
+                    }
+                });
+            })
+            .context("starting the proxy thread")?;
     }
     let counts = buffer.counts();
     tracing::info!(

@@ -21,11 +21,13 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>")
-            .to_path_buf();
+        // A test runs from target/<profile>/deps/, a bench binary from target/<profile>/.
+        let parent = exe.parent().expect("target/<profile>");
+        let dir = if parent.file_name().is_some_and(|n| n == "deps") {
+            parent.parent().expect("target/<profile>").to_path_buf()
+        } else {
+            parent.to_path_buf()
+        };
         if std::env::var_os("KT_NO_BUILD").is_none() {
             let release = dir.file_name().is_some_and(|n| n == "release");
             let mut cmd = Command::new(env!("CARGO"));

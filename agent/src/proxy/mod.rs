@@ -16,9 +16,11 @@
 //!   `Upgrade`), which belong to each connection, and `Host`, which names the upstream (as
 //!   nginx's `proxy_pass` does by default).
 //! * **Fail-open.** Nothing keytrail does can fail a request: recording happens after the
-//!   response body has been passed on, in another task, through a bounded queue that is never
-//!   waited on (`try_send`). What cannot be recorded — queue full, a body over the capture cap,
-//!   an answer the adapter cannot read, a full buffer — is counted by reason in
+//!   response body has been passed on, in another task: finished exchanges are staged on the
+//!   proxy's thread and handed over every 50 ms (one cross-thread wake-up per interval, not
+//!   per request) through a bounded queue that is never waited on (`try_send`). What
+//!   cannot be recorded — queue full, a body over the capture cap, an answer the adapter
+//!   cannot read, a full buffer — is counted by reason in
 //!   `keytrail_proxy_unrecorded_total{reason}` and `/v1/status`. An unreachable upstream gets
 //!   a 502, as from any proxy.
 //! * **Privacy.** An exchange (with raw keys in it) lives only in memory. Adapters produce
@@ -55,7 +57,10 @@ use crate::telemetry::AgentMetrics;
 /// Bytes of each body kept for the adapter; license API bodies are a few KiB.
 pub const CAPTURE_BYTES: usize = 256 * 1024;
 /// Finished exchanges waiting for the recorder.
-const RECORD_QUEUE: usize = 4096;
+const RECORD_QUEUE: usize = 8192;
+/// How often the proxy thread hands its finished exchanges to the recorder: one wake-up of
+/// another thread per interval instead of one per request.
+const HANDOFF_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 /// Idle upstream connections kept for reuse.
 const MAX_IDLE: usize = 128;
 /// Events one exchange may turn into.
@@ -396,6 +401,8 @@ pub struct Proxy {
     tls: Option<tokio_rustls::TlsConnector>,
     idle: Arc<Mutex<Vec<Sender>>>,
     recorder: tokio::sync::mpsc::Sender<Exchange>,
+    /// Finished exchanges, handed to `recorder` every [`HANDOFF_EVERY`].
+    staged: Arc<Mutex<Vec<Exchange>>>,
     metrics: Arc<AgentMetrics>,
 }
 
@@ -421,6 +428,7 @@ impl Proxy {
             tls,
             idle: Arc::new(Mutex::new(Vec::new())),
             recorder,
+            staged: Arc::default(),
             metrics,
         })
     }
@@ -500,6 +508,20 @@ impl Proxy {
         });
     }
 
+    /// Hands the staged exchanges to the recorder; what its queue cannot take is counted.
+    fn hand_off(&self) {
+        let batch = std::mem::take(&mut *self.staged.lock().expect("staged exchanges"));
+        let mut refused = 0;
+        for ex in batch {
+            if self.recorder.try_send(ex).is_err() {
+                refused += 1;
+            }
+        }
+        if refused > 0 {
+            self.metrics.proxy_unrecorded.add(&["queue_full"], refused);
+        }
+    }
+
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
         let time = now_ns();
         let (mut parts, body) = req.into_parts();
@@ -543,7 +565,7 @@ impl Proxy {
         strip_hop_by_hop(&mut rparts.headers);
         let status = rparts.status;
         let response_headers = rparts.headers.clone();
-        let recorder = self.recorder.clone();
+        let staged = Arc::clone(&self.staged);
         let metrics = Arc::clone(&self.metrics);
         let done = Box::new(move |response_body: Capture| {
             let request_body = request_slot.lock().expect("capture slot").take().unwrap_or_default();
@@ -558,7 +580,10 @@ impl Proxy {
                 response_headers,
                 response_body,
             };
-            if recorder.try_send(ex).is_err() {
+            let mut staged = staged.lock().expect("staged exchanges");
+            if staged.len() < RECORD_QUEUE {
+                staged.push(ex);
+            } else {
                 metrics.proxy_unrecorded.add(&["queue_full"], 1);
             }
         });
@@ -605,6 +630,18 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// Serves the proxy until `shutdown` flips.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let handoff = {
+        let proxy = Arc::clone(&proxy);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HANDOFF_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                proxy.hand_off();
+            }
+        })
+    };
+    let _stop_handoff = AbortOnDrop(handoff);
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -615,7 +652,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: tokio
                     continue;
                 }
             },
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => {
+                proxy.hand_off();
+                return;
+            }
         };
         let _ = stream.set_nodelay(true);
         let proxy = Arc::clone(&proxy);
@@ -626,6 +666,14 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: tokio
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -1,0 +1,253 @@
+//! `keytrail-proxy-bench`: the latency the agent's proxy adds to a license call, against a
+//! direct connection and against nginx as a reverse proxy, measured in the same run.
+//!
+//! keytrail-proxy-bench [--requests 20000] [--rounds 3] [--seconds 5]
+//!
+//! Starts a Keygen-shaped upstream (keep-alive, answers a validate-key call), a keytrail agent
+//! with `[proxy] adapter = "keygen"` in front of it (recording every call into its durable
+//! buffer; no collector, so nothing is shipped), and nginx (`proxy_pass` with upstream
+//! keep-alive, one worker, no access log, keep-alive without a request limit) if `nginx` is
+//! installed (`scripts/bench-deps.sh`).
+//! Per round and target: sequential requests on one keep-alive connection (p50/p99 latency),
+//! then 16 connections for `--seconds` (requests/s). Targets are interleaved round by round;
+//! medians over rounds are printed as Markdown. A measuring tool, not a test.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keytrail_tests::fake_upstream::{Answer, FakeUpstream};
+use keytrail_tests::Sandbox;
+
+const BODY: &str =
+    r#"{"meta":{"key":"C1B6DE-39A6E3-DE1529-8559A0-4AF593-V3","scope":{"fingerprint":"4d:Eq:UV:D3:XZ:tL"}}}"#;
+const ANSWER: &str = r#"{"data":{"id":"8f1d2c3b-0a9e-4f5d-8c7b-6a5e4d3c2b1a","type":"licenses","attributes":{"expiry":"2027-06-01T00:00:00.000Z","maxMachines":5},"relationships":{"machines":{"meta":{"count":3}},"policy":{"data":{"type":"policies","id":"pro"}}}},"meta":{"ts":"2026-11-23T10:00:00.000Z","valid":true,"detail":"is valid","code":"VALID"}}"#;
+
+fn die(m: &str) -> ! {
+    eprintln!("keytrail-proxy-bench: {m}");
+    std::process::exit(2)
+}
+
+fn request(host: SocketAddr) -> Vec<u8> {
+    format!(
+        "POST {} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/vnd.api+json\r\nAccept: application/vnd.api+json\r\nContent-Length: {}\r\n\r\n{BODY}",
+        std::env::var("BENCH_PATH").unwrap_or_else(|_| "/v1/accounts/acme/licenses/actions/validate-key".into()),
+        BODY.len()
+    )
+    .into_bytes()
+}
+
+/// One keep-alive client connection: sends a request, reads one response (Content-Length).
+struct Client {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+    req: Vec<u8>,
+}
+
+impl Client {
+    fn new(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).unwrap_or_else(|e| die(&format!("connecting to {addr}: {e}")));
+        s.set_nodelay(true).unwrap();
+        Client {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+            req: request(addr),
+        }
+    }
+
+    fn call(&mut self) {
+        self.w.write_all(&self.req).unwrap();
+        let mut len = 0usize;
+        let mut line = String::new();
+        let mut first = true;
+        loop {
+            line.clear();
+            if self.r.read_line(&mut line).unwrap() == 0 {
+                die("connection closed");
+            }
+            if first {
+                if !line.starts_with("HTTP/1.1 200") {
+                    die(&format!("unexpected answer: {line}"));
+                }
+                first = false;
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        self.r.read_exact(&mut body).unwrap();
+    }
+}
+
+fn latencies(addr: SocketAddr, n: usize) -> (f64, f64) {
+    let mut c = Client::new(addr);
+    for _ in 0..n / 10 {
+        c.call(); // warm-up
+    }
+    let mut t: Vec<Duration> = (0..n)
+        .map(|_| {
+            let s = Instant::now();
+            c.call();
+            s.elapsed()
+        })
+        .collect();
+    t.sort();
+    let at = |p: f64| t[((t.len() as f64 * p).ceil() as usize).clamp(1, t.len()) - 1].as_secs_f64() * 1e6;
+    (at(0.50), at(0.99))
+}
+
+fn throughput(addr: SocketAddr, conns: usize, seconds: u64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let start = Instant::now();
+    let handles: Vec<_> = (0..conns)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = Client::new(addr);
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    c.call();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let total: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+fn nginx(dir: &Path, upstream: SocketAddr) -> Option<(Child, SocketAddr)> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(prefix.join("logs")).unwrap();
+    let conf = prefix.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n access_log off;\n keepalive_requests 10000000;\n\
+             upstream license {{ server {upstream}; keepalive 32; keepalive_requests 10000000; }}\n\
+             server {{\n  listen 127.0.0.1:{port};\n  location / {{\n   proxy_pass http://license;\n   proxy_http_version 1.1;\n   proxy_set_header Connection \"\";\n  }}\n }}\n}}\n",
+            pid = prefix.join("nginx.pid").display(),
+            err = prefix.join("logs/error.log").display(),
+        ),
+    )
+    .unwrap();
+    let child = Command::new(nginx)
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&conf)
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    for _ in 0..200 {
+        if TcpStream::connect(addr).is_ok() {
+            return Some((child, addr));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let (mut requests, mut rounds, mut seconds) = (20_000usize, 3usize, 5u64);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let v = args.next().unwrap_or_else(|| die(&format!("{a} needs a value")));
+        match a.as_str() {
+            "--requests" => requests = v.parse().unwrap_or_else(|_| die("--requests: a count")),
+            "--rounds" => rounds = v.parse().unwrap_or_else(|_| die("--rounds: a count")),
+            "--seconds" => seconds = v.parse().unwrap_or_else(|_| die("--seconds: a duration")),
+            _ => die(&format!("unknown argument {a}")),
+        }
+    }
+    let up = FakeUpstream::start(Arc::new(|_req: &keytrail_tests::fake_upstream::Seen| Answer {
+        status: 200,
+        headers: vec![
+            ("Content-Type".into(), "application/vnd.api+json; charset=utf-8".into()),
+            (
+                "Keygen-Signature".into(),
+                "keyid=\"acme\", algorithm=\"ed25519\", signature=\"c2ln\"".into(),
+            ),
+        ],
+        body: ANSWER.as_bytes().to_vec(),
+    }));
+    let sb = Sandbox::new("proxy-bench");
+    // An agent whose collector does not exist: it records into its buffer, nothing ships.
+    let mut opts = keytrail_tests::AgentOpts::new(&sb, "agent-a");
+    opts.extra_toml = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://{}\"\nadapter = \"keygen\"\n",
+        up.addr
+    );
+    let agent = keytrail_tests::Agent::start(&sb, "https://127.0.0.1:9", opts);
+    let proxy = agent.proxy.unwrap_or_else(|| die("the agent did not start its proxy"));
+    let ng = nginx(sb.path("").as_path(), up.addr);
+    if ng.is_none() {
+        eprintln!("nginx not found: run scripts/bench-deps.sh for the side-by-side figures");
+    }
+    let mut targets: Vec<(&str, SocketAddr)> = vec![("direct", up.addr), ("keytrail proxy", proxy)];
+    if let Some((_, a)) = &ng {
+        targets.push(("nginx", *a));
+    }
+    let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); targets.len()];
+    for round in 0..rounds {
+        for (i, (name, addr)) in targets.iter().enumerate() {
+            let (p50, p99) = latencies(*addr, requests);
+            let rps = throughput(*addr, 16, seconds);
+            eprintln!("round {round} {name}: p50 {p50:.0} µs, p99 {p99:.0} µs, {rps:.0} req/s (16 connections)");
+            results[i].0.push(p50);
+            results[i].1.push(p99);
+            results[i].2.push(rps);
+        }
+    }
+    let (_, status) = agent.get_json("/v1/status");
+    let (d50, d99) = (median(results[0].0.clone()), median(results[0].1.clone()));
+    println!("| target | p50 µs | p99 µs | added p50 µs | added p99 µs | req/s, 16 connections |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (i, (name, _)) in targets.iter().enumerate() {
+        let (p50, p99, rps) = (
+            median(results[i].0.clone()),
+            median(results[i].1.clone()),
+            median(results[i].2.clone()),
+        );
+        println!(
+            "| {name} | {p50:.0} | {p99:.0} | {:.0} | {:.0} | {rps:.0} |",
+            p50 - d50,
+            p99 - d99
+        );
+    }
+    println!(
+        "\nrecorded by the proxy: {} events, not recorded: {} ({})",
+        status["proxy"]["recorded_events_total"],
+        status["proxy"]["unrecorded_total"],
+        status["proxy"]["unrecorded_by_reason"]
+    );
+    if let Some((mut child, _)) = ng {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
