@@ -373,6 +373,27 @@ pub enum BodyFormat {
     Ndjson,
 }
 
+/// Validates events already held as JSON values (the proxy's adapters build them so) with the
+/// same rules as [`parse_body`], without printing and reparsing the JSON; all or nothing.
+pub fn parse_values(
+    values: &[serde_json::Value],
+    fp: &Fingerprinter,
+    defaults: &dyn IngestDefaults,
+) -> Result<Vec<Event>, IngestError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let raw = RawEvent::deserialize(v).map_err(|e| {
+                explain_value(v)
+                    .unwrap_or_else(|| IngestError::new("invalid_value", None, format!("invalid event: {e}")))
+                    .at(i)
+            })?;
+            raw.into_event(fp, defaults).map_err(|e| e.at(i))
+        })
+        .collect()
+}
+
 /// Parses and validates a whole ingest body; all or nothing.
 pub fn parse_body(
     body: &[u8],
@@ -878,6 +899,36 @@ mod tests {
 
     fn parse(body: &str, format: BodyFormat) -> Result<Vec<Event>, IngestError> {
         parse_body(body.as_bytes(), format, &fp(), &fixed(), 1000)
+    }
+
+    #[test]
+    fn values_parse_exactly_like_bodies() {
+        let body = r#"[{"type":"license.validated","license_key":"RAW-1","machine":"fp","time":1762000000000,"seats_used":3,"attrs":{"a":"b"}},
+            {"type":"license.activated","license":"l2","time":"2026-11-01T10:00:00.5+01:00","result":"limit_exceeded","expires_at":"2027-01-01T00:00:00.000Z"}]"#;
+        let values: Vec<serde_json::Value> = serde_json::from_str(body).unwrap();
+        let from_values = parse_values(&values, &fp(), &fixed()).unwrap();
+        let from_body = parse(body, BodyFormat::Json).unwrap();
+        assert_eq!(format!("{from_values:?}"), format!("{from_body:?}"));
+        assert!(
+            from_values[0].license.as_deref().unwrap().starts_with("lk_"),
+            "pseudonymised"
+        );
+        let bad = [
+            serde_json::json!({"type":"license.validated","license":"l"}),
+            serde_json::json!({"type":"license.validated","licence":"l"}),
+        ];
+        let e = parse_values(&bad, &fp(), &fixed()).unwrap_err();
+        assert_eq!(
+            (e.code, e.index, e.field.as_deref()),
+            ("unknown_field", Some(1), Some("licence"))
+        );
+        let e = parse_values(
+            &[serde_json::json!({"type":"license.validated","license":"l","seats_used":"x"})],
+            &fp(),
+            &fixed(),
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("seats_used"));
     }
 
     #[test]
