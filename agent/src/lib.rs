@@ -54,6 +54,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // The proxy: its listener, and the recorder that turns its exchanges into events.
     let mut proxy_addr = None;
     let mut proxy_tasks = Vec::new();
+    let mut proxy_thread = None;
     if let (Some(p), Some(adapter)) = (&config.proxy, proxy_adapter) {
         let upstream = proxy::Upstream::parse(&p.upstream).map_err(anyhow::Error::msg)?;
         let (tx, rx) = proxy::record_channel();
@@ -77,24 +78,26 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         // (the way nginx's event loop works). Recording runs on the main runtime.
         let listener = l.into_std()?;
         let (px, stop) = (Arc::new(px), stop_rx.clone());
-        std::thread::Builder::new()
-            .name("keytrail-proxy".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "starting the proxy runtime failed; the proxy is down");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => proxy::serve(l, px, stop).await,
-                        Err(e) => tracing::error!(error = %e, "the proxy listener failed; the proxy is down"),
-                    }
-                });
-            })
-            .context("starting the proxy thread")?;
+        proxy_thread = Some(
+            std::thread::Builder::new()
+                .name("keytrail-proxy".into())
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "starting the proxy runtime failed; the proxy is down");
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        match tokio::net::TcpListener::from_std(listener) {
+                            Ok(l) => proxy::serve(l, px, stop).await,
+                            Err(e) => tracing::error!(error = %e, "the proxy listener failed; the proxy is down"),
+                        }
+                    });
+                })
+                .context("starting the proxy thread")?,
+        );
     }
     let counts = buffer.counts();
     tracing::info!(
@@ -137,8 +140,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = server.await;
+    // The proxy hands over what it staged and stops; then the recorder drains its queue into
+    // the buffer (bounded wait), so a clean stop loses no proxied call.
+    if let Some(t) = proxy_thread {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     for t in proxy_tasks {
-        t.abort();
+        if tokio::time::timeout(std::time::Duration::from_secs(10), t)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the proxy recorder did not drain within 10 s; its unrecorded calls are lost");
+        }
     }
     sealer.abort();
     shipper.abort();

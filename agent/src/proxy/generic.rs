@@ -283,6 +283,18 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
+/// Whether a value can go into the event as it is; anything else is left out (rather than the
+/// whole event refused by the ingest rules).
+fn acceptable(field: &str, v: &str) -> bool {
+    !v.is_empty()
+        && match field {
+            "id" | "license" => v.len() <= 128,
+            "expires_at" => keytrail_common::time::parse_rfc3339_ns(v).is_some(),
+            "country" => keytrail_common::event::is_country_code(v),
+            _ => v.len() <= 256,
+        }
+}
+
 pub struct Generic {
     pub routes: Vec<Route>,
 }
@@ -340,9 +352,13 @@ impl Adapter for Generic {
                 if let Some(n) = n {
                     e.insert(name.clone(), n.into());
                 }
-            } else if let Some(t) = text(&v).filter(|t| !t.is_empty()) {
+            } else if let Some(t) = text(&v).filter(|t| acceptable(name, t)) {
                 e.insert(name.clone(), t.into());
             }
+        }
+        // One license identity: a key wins over an id (as the vendor adapters do).
+        if e.contains_key("license_key") {
+            e.remove("license");
         }
         if !e.contains_key("license_key") && !e.contains_key("license") {
             return Err(Unreadable(
@@ -456,7 +472,7 @@ mod tests {
         assert_eq!(
             v,
             vec![
-                json!({"type":"license.validated","time":1_764_000_000_000i64,"license_key":"RAW-KEY","license":"L 42",
+                json!({"type":"license.validated","time":1_764_000_000_000i64,"license_key":"RAW-KEY",
                 "machine":"host-7","plan":"gold","seats_used":4,"seats_limit":5,"attrs":{"channel":"beta"},"result":"expired"})
             ]
         );
@@ -509,6 +525,21 @@ mod tests {
             .events(&ex(Method::POST, "/check/x", "license_key=K", 404, ""))
             .unwrap();
         assert_eq!(v[0]["result"], "not_found");
+        // A value the ingest rules would refuse is left out, not the whole event.
+        let long = "m".repeat(300);
+        let v = g
+            .events(&ex(
+                Method::POST,
+                "/check/x",
+                &format!("license_key=K&device={long}"),
+                200,
+                "",
+            ))
+            .unwrap();
+        assert_eq!((v[0]["license_key"].as_str(), v[0].get("machine")), (Some("K"), None));
+        assert!(!acceptable("expires_at", "2027-01-01"));
+        assert!(acceptable("expires_at", "2027-01-01T00:00:00Z"));
+        assert!(!acceptable("country", "Germany"));
         let e = g
             .events(&ex(Method::POST, "/check/x", "device=d", 200, ""))
             .unwrap_err();

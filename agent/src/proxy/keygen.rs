@@ -241,7 +241,12 @@ impl Adapter for Keygen {
                     .as_ref()
                     .and_then(|r| r.pointer("/data/relationships/license/data/id"))
                     .and_then(Value::as_str);
-                identify(&mut e, auth_key(ex), license_id)?;
+                // A key in the id's place is a key (pseudonymised), never stored raw.
+                let (key, license_id) = match (auth_key(ex), license_id) {
+                    (None, Some(id)) if !is_uuid(id) => (Some(id.to_string()), None),
+                    other => other,
+                };
+                identify(&mut e, key, license_id)?;
                 if let Some(fp) = req
                     .as_ref()
                     .and_then(|r| r.pointer("/data/attributes/fingerprint"))
@@ -458,7 +463,7 @@ mod tests {
 
     #[test]
     fn activation_deactivation_and_errors() {
-        let req = r#"{"data":{"type":"machines","attributes":{"fingerprint":"4d:Eq"},"relationships":{"license":{"data":{"type":"licenses","id":"lic-1"}}}}}"#;
+        let req = r#"{"data":{"type":"machines","attributes":{"fingerprint":"4d:Eq"},"relationships":{"license":{"data":{"type":"licenses","id":"0b4f2c1d-9e8a-4b7c-a6d5-e4f3a2b1c0d9"}}}}}"#;
         let auth = [("authorization", "License KEY-1")];
         let v = one(&ex(
             Method::POST,
@@ -481,7 +486,14 @@ mod tests {
         let v = one(&ex(Method::POST, "/v1/accounts/a/machines", &[], req, 422, limit));
         assert_eq!(
             (v["result"].as_str(), v["license"].as_str()),
-            (Some("limit_exceeded"), Some("lic-1"))
+            (Some("limit_exceeded"), Some("0b4f2c1d-9e8a-4b7c-a6d5-e4f3a2b1c0d9"))
+        );
+        // A key where the license id goes is pseudonymised as a key, never stored raw.
+        let keyed = req.replace("0b4f2c1d-9e8a-4b7c-a6d5-e4f3a2b1c0d9", "RAW-KEY-IN-ID");
+        let v = one(&ex(Method::POST, "/v1/machines", &[], &keyed, 201, "{}"));
+        assert_eq!(
+            (v["license_key"].as_str(), v.get("license")),
+            (Some("RAW-KEY-IN-ID"), None)
         );
         let taken = r#"{"errors":[{"detail":"has already been taken","code":"FINGERPRINT_TAKEN"}]}"#;
         assert_eq!(

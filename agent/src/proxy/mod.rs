@@ -63,6 +63,11 @@ const RECORD_QUEUE: usize = 8192;
 const HANDOFF_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 /// Idle upstream connections kept for reuse.
 const MAX_IDLE: usize = 128;
+/// An idle upstream connection older than this is not reused (a NAT or firewall may have
+/// dropped it silently).
+const IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+/// Connecting to the upstream, TLS included.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Events one exchange may turn into.
 const MAX_EVENTS_PER_EXCHANGE: usize = 16;
 
@@ -129,7 +134,7 @@ impl Exchange {
 
     /// The response body as JSON: `Ok(None)` for an empty body or a non-JSON error page.
     pub fn response_json(&self) -> Result<Option<serde_json::Value>, Unreadable> {
-        if self.status == StatusCode::NO_CONTENT || self.response_body.bytes.is_empty() {
+        if matches!(self.status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED) || self.method == Method::HEAD {
             return Ok(None);
         }
         if !self.response_body.complete {
@@ -137,6 +142,9 @@ impl Exchange {
                 "body_incomplete",
                 "response body cut or over the capture cap".into(),
             ));
+        }
+        if self.response_body.bytes.is_empty() {
+            return Ok(None);
         }
         let decoded;
         let bytes = match self
@@ -279,12 +287,15 @@ pub struct Tee<B> {
     inner: B,
     bytes: Vec<u8>,
     overflow: bool,
+    /// The body was known to be empty from the start (hyper may never poll it).
+    empty: bool,
     done: Option<Box<dyn FnOnce(Capture) + Send>>,
 }
 
 impl<B: Body> Tee<B> {
     pub fn new(inner: B, done: Box<dyn FnOnce(Capture) + Send>) -> Self {
         Tee {
+            empty: inner.is_end_stream(),
             inner,
             bytes: Vec::new(),
             overflow: false,
@@ -312,7 +323,8 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tee<B> {
         match &r {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
-                    if this.bytes.len() + d.len() <= CAPTURE_BYTES {
+                    // Once a frame is skipped, nothing more is copied: the copy never has a gap.
+                    if !this.overflow && this.bytes.len() + d.len() <= CAPTURE_BYTES {
                         this.bytes.extend_from_slice(d);
                     } else {
                         this.overflow = true;
@@ -340,11 +352,11 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tee<B> {
 
 impl<B> Drop for Tee<B> {
     fn drop(&mut self) {
-        // An empty body hyper never polled, or a client that went away mid-body.
+        // An empty body hyper never polled (complete), or one cut off (not).
         if let Some(done) = self.done.take() {
             done(Capture {
                 bytes: std::mem::take(&mut self.bytes),
-                complete: false,
+                complete: self.empty,
             });
         }
     }
@@ -394,12 +406,14 @@ impl Upstream {
 
 type UpstreamBody = Tee<Incoming>;
 type Sender = http1::SendRequest<UpstreamBody>;
+/// A pooled connection and when it became idle.
+type Idle = (Sender, std::time::Instant);
 
 /// The proxy: one per agent, shared by every connection.
 pub struct Proxy {
     upstream: Upstream,
     tls: Option<tokio_rustls::TlsConnector>,
-    idle: Arc<Mutex<Vec<Sender>>>,
+    idle: Arc<Mutex<Vec<Idle>>>,
     recorder: tokio::sync::mpsc::Sender<Exchange>,
     /// Finished exchanges, handed to `recorder` every [`HANDOFF_EVERY`].
     staged: Arc<Mutex<Vec<Exchange>>>,
@@ -434,6 +448,17 @@ impl Proxy {
     }
 
     async fn connect(&self) -> Result<Sender, String> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.connect_now())
+            .await
+            .map_err(|_| {
+                format!(
+                    "connecting to {} took over {CONNECT_TIMEOUT:?}",
+                    self.upstream.authority
+                )
+            })?
+    }
+
+    async fn connect_now(&self) -> Result<Sender, String> {
         let u = &self.upstream;
         let tcp = TcpStream::connect((u.host.as_str(), u.port))
             .await
@@ -470,7 +495,11 @@ impl Proxy {
     /// meanwhile gives the request back unsent: it is retried once on a fresh connection.
     async fn send(&self, mut req: Request<UpstreamBody>) -> Result<Response<Incoming>, String> {
         loop {
-            let pooled = self.idle.lock().expect("idle pool").pop();
+            let pooled = {
+                let mut idle = self.idle.lock().expect("idle pool");
+                idle.retain(|(_, since)| since.elapsed() < IDLE_FOR);
+                idle.pop().map(|(s, _)| s)
+            };
             let fresh = pooled.is_none();
             let mut sender = match pooled {
                 Some(s) => s,
@@ -502,7 +531,7 @@ impl Proxy {
             if sender.ready().await.is_ok() {
                 let mut idle = idle.lock().expect("idle pool");
                 if idle.len() < MAX_IDLE {
-                    idle.push(sender);
+                    idle.push((sender, std::time::Instant::now()));
                 }
             }
         });
@@ -760,6 +789,12 @@ fn record_one(
     metrics: &AgentMetrics,
     records: &mut Vec<u8>,
 ) -> u32 {
+    if !ex.request_body.complete {
+        // Cut off, over the cap, or not yet read when the answer came: a field read from it
+        // could be wrong (a key cut short would be a different license).
+        metrics.proxy_unrecorded.add(&["body_incomplete"], 1);
+        return 0;
+    }
     let values = match adapter.events(ex) {
         Ok(v) => v,
         Err(Unreadable(reason, detail)) => {
@@ -1066,6 +1101,19 @@ mod tests {
         let g = Arc::clone(&got);
         let tee = Tee::new(Full::new(big.clone()), Box::new(move |c| *g.lock().unwrap() = Some(c)));
         assert_eq!(tee.collect().await.unwrap().to_bytes(), big);
+        assert!(!got.lock().unwrap().take().unwrap().complete);
+        // An empty body hyper never polls is complete; a body dropped unread is not.
+        let g = Arc::clone(&got);
+        drop(Tee::new(
+            Full::new(Bytes::new()),
+            Box::new(move |c| *g.lock().unwrap() = Some(c)),
+        ));
+        assert!(got.lock().unwrap().take().unwrap().complete);
+        let g = Arc::clone(&got);
+        drop(Tee::new(
+            Full::new(Bytes::from_static(b"x")),
+            Box::new(move |c| *g.lock().unwrap() = Some(c)),
+        ));
         assert!(!got.lock().unwrap().take().unwrap().complete);
     }
 }
