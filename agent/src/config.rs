@@ -392,6 +392,9 @@ impl AgentConfig {
             if let Err(e) = crate::proxy::adapter(p) {
                 errors.push(e);
             }
+            if let Err(e) = crate::proxy::Upstream::parse(&p.upstream) {
+                errors.push(e);
+            }
         }
         if errors.is_empty() {
             Ok(())

@@ -61,12 +61,18 @@ fn auth_key(ex: &Exchange) -> Option<String> {
                 return Some(cred.to_string());
             }
             if scheme.eq_ignore_ascii_case("basic") {
-                let raw = base64::engine::general_purpose::STANDARD.decode(cred).ok()?;
-                let text = String::from_utf8(raw).ok()?;
-                return text
-                    .strip_prefix("license:")
-                    .filter(|k| !k.is_empty())
-                    .map(str::to_string);
+                let key = base64::engine::general_purpose::STANDARD
+                    .decode(cred)
+                    .ok()
+                    .and_then(|raw| String::from_utf8(raw).ok())
+                    .and_then(|text| {
+                        text.strip_prefix("license:")
+                            .filter(|k| !k.is_empty())
+                            .map(str::to_string)
+                    });
+                if key.is_some() {
+                    return key;
+                }
             }
         }
     }
@@ -432,6 +438,11 @@ mod tests {
             (vec![("authorization", "License KEY-A")], "", "KEY-A"),
             (vec![("authorization", basic.as_str())], "", "KEY-B"),
             (vec![], "?auth=license%3AKEY-C", "KEY-C"),
+            (
+                vec![("authorization", "Basic !!not-base64")],
+                "?auth=license%3AKEY-D",
+                "KEY-D",
+            ),
         ] {
             let v = one(&ex(Method::POST, &format!("{path}{query}"), &headers, "", 200, resp));
             assert_eq!(v["license_key"], want);

@@ -385,6 +385,12 @@ impl Upstream {
         let authority = uri
             .authority()
             .ok_or_else(|| format!("proxy.upstream {url:?}: no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(
+                "proxy.upstream: credentials in the URL are not supported (they would be sent as the Host header)"
+                    .into(),
+            );
+        }
         let host = authority
             .host()
             .trim_start_matches('[')
@@ -888,6 +894,8 @@ mod tests {
         );
         assert!(Upstream::parse("ftp://x").is_err());
         assert!(Upstream::parse("http://x/?q=1").is_err());
+        let e = Upstream::parse("https://user:secret@api.example").unwrap_err();
+        assert!(e.contains("credentials") && !e.contains("secret"), "{e}");
     }
 
     #[test]
