@@ -518,34 +518,11 @@ mod example_tests {
 
     #[test]
     fn the_generic_proxy_example_parses_and_maps_its_worked_example() {
-        use crate::proxy::{Capture, Exchange};
         let c = AgentConfig::parse(include_str!("../../deploy/config/agent-generic-proxy.example.toml")).unwrap();
         let p = c.proxy.unwrap();
         assert_eq!((p.adapter.as_str(), p.routes.len()), ("generic", 3));
         let adapter = crate::proxy::adapter(&p).unwrap();
-        let ex = |method: &str, path: &str, headers: &[(&str, &str)], body: &str, status: u16, resp: &str| {
-            let mut h = http::HeaderMap::new();
-            for (k, v) in headers {
-                h.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
-            }
-            Exchange {
-                time: 1_764_000_000_000_000_000,
-                method: method.parse().unwrap(),
-                path: path.into(),
-                query: None,
-                request_headers: h,
-                request_body: Capture {
-                    bytes: body.as_bytes().to_vec(),
-                    complete: true,
-                },
-                status: http::StatusCode::from_u16(status).unwrap(),
-                response_headers: http::HeaderMap::new(),
-                response_body: Capture {
-                    bytes: resp.as_bytes().to_vec(),
-                    complete: true,
-                },
-            }
-        };
+        let ex = crate::proxy::test_exchange;
         let resp = r#"{"license":{"tier":"gold","state":"lapsed","seats":{"used":4,"max":5},"expires":"2027-01-01T00:00:00Z"}}"#;
         let v = adapter
             .events(&ex(

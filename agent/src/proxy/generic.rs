@@ -401,8 +401,7 @@ impl Adapter for Generic {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::Capture;
-    use http::{HeaderMap, HeaderValue, StatusCode};
+    use crate::proxy::test_exchange;
     use serde_json::json;
 
     fn raw(toml_text: &str) -> RawRoute {
@@ -429,29 +428,7 @@ mod tests {
     "#;
 
     fn ex(method: Method, path: &str, body: &str, status: u16, resp: &str) -> Exchange {
-        let (path, query) = match path.split_once('?') {
-            Some((p, q)) => (p.to_string(), Some(q.to_string())),
-            None => (path.to_string(), None),
-        };
-        let mut h = HeaderMap::new();
-        h.insert("x-machine", HeaderValue::from_static("host-7"));
-        Exchange {
-            time: 1_764_000_000_000_000_000,
-            method,
-            path,
-            query,
-            request_headers: h,
-            request_body: Capture {
-                bytes: body.as_bytes().to_vec(),
-                complete: true,
-            },
-            status: StatusCode::from_u16(status).unwrap(),
-            response_headers: HeaderMap::new(),
-            response_body: Capture {
-                bytes: resp.as_bytes().to_vec(),
-                complete: true,
-            },
-        }
+        test_exchange(method.as_str(), path, &[("x-machine", "host-7")], body, status, resp)
     }
 
     #[test]

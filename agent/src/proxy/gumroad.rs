@@ -96,28 +96,15 @@ impl Adapter for Gumroad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::Capture;
-    use http::HeaderMap;
+    use crate::proxy::test_exchange;
     use serde_json::json;
 
     fn ex(query: Option<&str>, form: &str, status: u16, resp: &str) -> Exchange {
-        Exchange {
-            time: 1_764_000_000_000_000_000,
-            method: Method::POST,
-            path: "/v2/licenses/verify".into(),
-            query: query.map(str::to_string),
-            request_headers: HeaderMap::new(),
-            request_body: Capture {
-                bytes: form.as_bytes().to_vec(),
-                complete: true,
-            },
-            status: StatusCode::from_u16(status).unwrap(),
-            response_headers: HeaderMap::new(),
-            response_body: Capture {
-                bytes: resp.as_bytes().to_vec(),
-                complete: true,
-            },
-        }
+        let path = match query {
+            Some(q) => format!("/v2/licenses/verify?{q}"),
+            None => "/v2/licenses/verify".to_string(),
+        };
+        test_exchange("POST", &path, &[], form, status, resp)
     }
 
     fn one(x: &Exchange) -> Value {

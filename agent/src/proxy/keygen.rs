@@ -164,8 +164,13 @@ fn is_uuid(s: &str) -> bool {
         })
 }
 
-/// Identity: a key wins over a license id (one license, one pseudonym).
+/// Identity: a key wins over a license id (one license, one pseudonym). A "license id" that is
+/// not a UUID is a key Keygen accepts in its place: pseudonymised as a key, never stored raw.
 fn identify(e: &mut Map<String, Value>, key: Option<String>, license_id: Option<&str>) -> Result<(), Unreadable> {
+    let (key, license_id) = match (key, license_id) {
+        (None, Some(id)) if !is_uuid(id) => (Some(id.to_string()), None),
+        other => other,
+    };
     match (key, license_id) {
         (Some(k), _) => {
             e.insert("license_key".into(), k.into());
@@ -181,6 +186,17 @@ fn identify(e: &mut Map<String, Value>, key: Option<String>, license_id: Option<
         }
     }
     Ok(())
+}
+
+/// The machine fingerprint at `pointer` of the request body, when there is one.
+fn put_machine(e: &mut Map<String, Value>, request: Option<&Value>, pointer: &str) {
+    if let Some(fp) = request
+        .and_then(|r| r.pointer(pointer))
+        .and_then(Value::as_str)
+        .filter(|f| !f.is_empty())
+    {
+        e.insert("machine".into(), fp.into());
+    }
 }
 
 impl Adapter for Keygen {
@@ -225,20 +241,8 @@ impl Adapter for Keygen {
                     Call::ValidateById(id) => Some(id),
                     _ => data.and_then(|d| d.get("id")).and_then(Value::as_str),
                 };
-                // A key in the id position of the path is a key, not an id.
-                let (key, id) = match (key, id) {
-                    (None, Some(id)) if !is_uuid(id) => (Some(id.to_string()), None),
-                    other => other,
-                };
                 identify(&mut e, key, id)?;
-                if let Some(fp) = req
-                    .as_ref()
-                    .and_then(|r| r.pointer("/meta/scope/fingerprint"))
-                    .and_then(Value::as_str)
-                    .filter(|f| !f.is_empty())
-                {
-                    e.insert("machine".into(), fp.into());
-                }
+                put_machine(&mut e, req.as_ref(), "/meta/scope/fingerprint");
             }
             Call::Activate => {
                 e = new_event(ex, "license.activated");
@@ -247,20 +251,8 @@ impl Adapter for Keygen {
                     .as_ref()
                     .and_then(|r| r.pointer("/data/relationships/license/data/id"))
                     .and_then(Value::as_str);
-                // A key in the id's place is a key (pseudonymised), never stored raw.
-                let (key, license_id) = match (auth_key(ex), license_id) {
-                    (None, Some(id)) if !is_uuid(id) => (Some(id.to_string()), None),
-                    other => other,
-                };
-                identify(&mut e, key, license_id)?;
-                if let Some(fp) = req
-                    .as_ref()
-                    .and_then(|r| r.pointer("/data/attributes/fingerprint"))
-                    .and_then(Value::as_str)
-                    .filter(|f| !f.is_empty())
-                {
-                    e.insert("machine".into(), fp.into());
-                }
+                identify(&mut e, auth_key(ex), license_id)?;
+                put_machine(&mut e, req.as_ref(), "/data/attributes/fingerprint");
                 if let Some(c) = resp
                     .as_ref()
                     .and_then(|r| r.pointer("/errors/0/code"))
@@ -286,8 +278,8 @@ impl Adapter for Keygen {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::Capture;
-    use http::{HeaderMap, HeaderValue};
+    use crate::proxy::test_exchange;
+    use http::HeaderValue;
 
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/license-apis/");
 
@@ -297,34 +289,9 @@ mod tests {
     }
 
     fn ex(method: Method, path: &str, headers: &[(&str, &str)], req: &str, status: u16, resp: &str) -> Exchange {
-        let mut h = HeaderMap::new();
-        for (k, v) in headers {
-            h.insert(
-                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        let (path, query) = match path.split_once('?') {
-            Some((p, q)) => (p.to_string(), Some(q.to_string())),
-            None => (path.to_string(), None),
-        };
-        Exchange {
-            time: 1_764_000_000_123_000_000,
-            method,
-            path,
-            query,
-            request_headers: h,
-            request_body: Capture {
-                bytes: req.as_bytes().to_vec(),
-                complete: true,
-            },
-            status: StatusCode::from_u16(status).unwrap(),
-            response_headers: HeaderMap::new(),
-            response_body: Capture {
-                bytes: resp.as_bytes().to_vec(),
-                complete: true,
-            },
-        }
+        let mut x = test_exchange(method.as_str(), path, headers, req, status, resp);
+        x.time = 1_764_000_000_123_000_000;
+        x
     }
 
     fn one(x: &Exchange) -> Value {

@@ -153,8 +153,8 @@ impl Adapter for LemonSqueezy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::Capture;
-    use http::{HeaderMap, HeaderValue};
+    use crate::proxy::test_exchange;
+    use http::HeaderValue;
     use serde_json::json;
 
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/license-apis/");
@@ -164,28 +164,8 @@ mod tests {
     }
 
     fn ex(path: &str, form: &str, status: u16, resp: &str) -> Exchange {
-        let mut h = HeaderMap::new();
-        h.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/x-www-form-urlencoded"),
-        );
-        Exchange {
-            time: 1_764_000_000_000_000_000,
-            method: Method::POST,
-            path: path.into(),
-            query: None,
-            request_headers: h,
-            request_body: Capture {
-                bytes: form.as_bytes().to_vec(),
-                complete: true,
-            },
-            status: StatusCode::from_u16(status).unwrap(),
-            response_headers: HeaderMap::new(),
-            response_body: Capture {
-                bytes: resp.as_bytes().to_vec(),
-                complete: true,
-            },
-        }
+        let form_type = [("content-type", "application/x-www-form-urlencoded")];
+        test_exchange("POST", path, &form_type, form, status, resp)
     }
 
     fn one(x: &Exchange) -> Value {

@@ -839,6 +839,47 @@ pub fn record_channel() -> (
     tokio::sync::mpsc::channel(RECORD_QUEUE)
 }
 
+/// An exchange as the adapter tests write one: `path` may carry a `?query`; both bodies are
+/// complete; time 2025-11-24T16:00:00Z.
+#[cfg(test)]
+pub(crate) fn test_exchange(
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    request: &str,
+    status: u16,
+    response: &str,
+) -> Exchange {
+    let mut h = HeaderMap::new();
+    for (k, v) in headers {
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    let (path, query) = match path.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (path.to_string(), None),
+    };
+    Exchange {
+        time: 1_764_000_000_000_000_000,
+        method: method.parse().unwrap(),
+        path,
+        query,
+        request_headers: h,
+        request_body: Capture {
+            bytes: request.as_bytes().to_vec(),
+            complete: true,
+        },
+        status: StatusCode::from_u16(status).unwrap(),
+        response_headers: HeaderMap::new(),
+        response_body: Capture {
+            bytes: response.as_bytes().to_vec(),
+            complete: true,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
