@@ -164,6 +164,11 @@ async fn main() {
         span: days * NANOS_PER_DAY,
         n: 0,
     };
+    // APPLY_ONLY=1: only the in-memory aggregation (no store), to separate its cost from sled's.
+    if std::env::var_os("APPLY_ONLY").is_some() {
+        apply_only(events, days, gen);
+        return;
+    }
     if events > 0 {
         ingest(&dir, &options, events, days, gen).await;
     }
@@ -180,6 +185,20 @@ async fn main() {
     if !keep {
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+fn apply_only(events: u64, _days: i64, mut gen: Gen) {
+    let all: Vec<Event> = (0..events).map(|i| gen.event(i as f64 / events as f64)).collect();
+    let mut a = keytrail_collector::analytics::Analytics::new(plans());
+    let t = Instant::now();
+    for (i, e) in all.iter().enumerate() {
+        a.apply(e, i as u64, &keytrail_collector::analytics::NoHistory);
+    }
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "apply only: {events} events in {s:.2} s = {:.0} events/s",
+        events as f64 / s
+    );
 }
 
 async fn ingest(dir: &std::path::Path, options: &StoreOptions, events: u64, days: i64, mut gen: Gen) {

@@ -8,8 +8,7 @@
 //! store before this runs: a retried batch never reaches the event check.
 
 use std::collections::HashSet;
-
-use keytrail_common::event::Event;
+use std::hash::{BuildHasher, Hash};
 
 /// The outcome for one batch: indexes of the events to store, and how many were duplicates.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -18,16 +17,21 @@ pub struct Plan {
     pub duplicates: u32,
 }
 
-/// Splits `events` into new ones and duplicates. `seen_before` answers for ids stored by
-/// earlier groups; `seen_now` collects ids of this group (shared across the group's batches)
-/// and is updated with every new id.
-pub fn plan(events: &[Event], seen_before: impl Fn(&str) -> bool, seen_now: &mut HashSet<String>) -> Plan {
+/// Splits a batch, given as one dedup key per event (the event id, or a hash of it), into new
+/// events and duplicates. `seen_before` answers for keys stored by earlier groups; `seen_now`
+/// collects the keys of this group (shared across the group's batches) and is updated with
+/// every new one.
+pub fn plan<K: Hash + Eq + Clone, S: BuildHasher>(
+    keys: &[K],
+    seen_before: impl Fn(&K) -> bool,
+    seen_now: &mut HashSet<K, S>,
+) -> Plan {
     let mut plan = Plan::default();
-    for (i, e) in events.iter().enumerate() {
-        if seen_now.contains(&e.id) || seen_before(&e.id) {
+    for (i, k) in keys.iter().enumerate() {
+        if seen_now.contains(k) || seen_before(k) {
             plan.duplicates += 1;
         } else {
-            seen_now.insert(e.id.clone());
+            seen_now.insert(k.clone());
             plan.new.push(i);
         }
     }
@@ -37,21 +41,12 @@ pub fn plan(events: &[Event], seen_before: impl Fn(&str) -> bool, seen_now: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keytrail_common::event::EventType;
-
-    fn ev(id: &str) -> Event {
-        Event::new(id, EventType::PaymentFailed, 0, "a")
-    }
 
     #[test]
     fn first_copy_wins_within_and_across_batches() {
         let mut now = HashSet::new();
         let stored = ["old"];
-        let p = plan(
-            &[ev("a"), ev("old"), ev("a"), ev("b")],
-            |id| stored.contains(&id),
-            &mut now,
-        );
+        let p = plan(&["a", "old", "a", "b"], |id| stored.contains(id), &mut now);
         assert_eq!(
             p,
             Plan {
@@ -59,7 +54,7 @@ mod tests {
                 duplicates: 2
             }
         );
-        let p = plan(&[ev("b"), ev("c")], |_| false, &mut now);
+        let p = plan(&["b", "c"], |_| false, &mut now);
         assert_eq!(
             p,
             Plan {

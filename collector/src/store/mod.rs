@@ -1,72 +1,89 @@
-//! The collector's storage: the only place in the collector that knows sled.
+//! The collector's storage: the only place in the collector that knows sled and the event
+//! files.
 //!
 //! Owns: durably storing received batches (group commit: one flush for every batch that
-//! arrived during the previous one), the dedup indexes, the raw event store and its
-//! retention, and the receive counters of `/v1/stats`. Everything else reaches storage through
-//! [`Store`]'s methods and [`StoreWriter`], never through sled.
+//! arrived during the previous one), deduplication state, the raw event log and its retention,
+//! the analytics' persistence, and the receive counters of `/v1/stats`. Everything else
+//! reaches storage through [`Store`]'s methods and [`StoreWriter`], never through sled.
 //!
 //! # On-disk layout
 //!
-//! One sled tree so that each group commit is one atomic `apply_batch` (data, indexes and
-//! counters move together, so a crash never leaves a counter out of step with the data).
-//! Instants are i64 unix nanoseconds stored as `u64 BE` with the sign bit flipped, so keys
-//! sort by time.
+//! Raw events live in the event log ([`events`]): compressed blocks of up to 4,096 events
+//! appended to segment files under `<data_dir>/events/`, numbered by a store sequence that
+//! increases by one per stored event. Its module doc has the block format. sled holds only
+//! small records, a handful per group commit whatever its size (a sled key costs ~10 µs to
+//! write here; a key per event capped the store at ~22 k events/s, docs/benchmarks.md):
 //!
 //! | key | value |
 //! |-----|-------|
 //! | `b` ‖ len u16 ‖ agent ‖ seq u64 | stored_at ‖ frame crc32 ‖ events u32: batch dedup |
-//! | `i` ‖ event id | stored_at ‖ time ‖ store_seq: event dedup (the first copy wins) |
-//! | `e` ‖ time ‖ store_seq u64 | `1 ‖ crc32 ‖ bincode(StoredEventV1)`: the raw event |
-//! | `l` ‖ len u16 ‖ license ‖ time ‖ store_seq | empty: license index of `e` |
 //! | `a` ‖ agent | last_seen ‖ events u64: per-agent stats |
 //! | `c.<name>` | u64: counters of `/v1/stats` |
-//! | `m.next_store_seq` | u64 |
-//! | `j` ‖ first store_seq u64 | count u32 ‖ time i64 × count: the analytics journal — the events a group stored (store sequences `first..first+count`), until a snapshot covers them |
+//! | `m.next_store_seq` | u64: **the commit point** — every store sequence below it is stored |
+//! | `m.id_key` | 16 random bytes: the key of the event-id hashes |
 //!
 //! Beside sled, `analytics.snap` holds the analytics snapshot: `KTASNAP1` ‖ zstd(the bytes of
 //! [`Analytics::snapshot`], which name the store sequence they cover).
 //!
+//! In memory, rebuilt from the blocks' index sections on open (28 bytes per event, no
+//! decompression): the hashes of the event ids stored inside the dedup window, and per
+//! license the `(time, store sequence)` of its events, for `/v1/events?license=` and the
+//! successor lookups of late events. About 16 + 40 bytes of memory per event.
+//!
 //! # Rules
 //!
-//! * A batch is answered 200 only after its group's `flush` and an `fdatasync` of sled's log.
+//! * A group commit first appends its blocks to the event log and `fdatasync`s them, then
+//!   writes the batch keys, counters and `m.next_store_seq` in one atomic `apply_batch`; the
+//!   group is then visible (dedup, lookups), the analytics apply it, and sled is flushed and
+//!   its log `fdatasync`ed. Batches are answered 200 only after that.
 //! * A batch whose (agent, sequence) was stored before *with the same frame checksum* is a
 //!   retry: acknowledged, its events counted as received and as duplicates, nothing stored.
 //!   The same key with a different checksum means an agent lost its database and reused a
 //!   sequence: its events go through the per-event check instead (logged).
-//! * An event whose id is in `i` is a duplicate: counted, not stored.
-//! * Analytics are applied for exactly the events stored (never a duplicate), after the group's
-//!   batch (with its journal entry) is in sled: rollups never disagree with the events. The
-//!   writer snapshots the analytics every `snapshot_every` stored events (or 10 minutes) right
-//!   after a flush, so a snapshot never covers an event that is not durable; a background
-//!   thread compresses it, writes it beside sled (temporary file, fsync, rename, fsync of the
-//!   directory) and then deletes the journal entries it covers. On open: the snapshot, then
-//!   the journal entries after it, each event read back from `e` and applied again. Without a
-//!   usable snapshot and an unbroken journal from it to `m.next_store_seq` (damaged snapshot,
-//!   a store of an earlier format), the analytics are rebuilt from the raw events — which no
-//!   longer include what retention purged — and snapshotted at once.
-//! * Retention: `e`/`l` entries older than `retention.raw_events` (by event time) and
-//!   `i`/`b` entries stored longer ago than `retention.dedup_window` are deleted by a
-//!   background purge. Counters are never decremented by retention.
+//! * An event whose id hash is in the dedup set (stored inside `retention.dedup_window`, or
+//!   earlier in the same group) is a duplicate: counted, not stored. The hash is SipHash-1-3,
+//!   128 bits, under the store's random key: ids cannot be chosen to collide.
+//! * Analytics are applied for exactly the events stored (never a duplicate). The writer
+//!   snapshots them every `snapshot_every` stored events (or 10 minutes) right after a flush,
+//!   so a snapshot never covers an event that is not durable; a background thread compresses
+//!   it and writes it beside sled (temporary file, fsync, rename, fsync of the directory). On
+//!   open: the snapshot, then every event stored after it, read back from the event log.
+//!   Without a usable snapshot (damaged, from the future of this store, a store of an earlier
+//!   format) the analytics are rebuilt from the raw events — which no longer include what
+//!   retention deleted — and snapshotted at once.
+//! * Retention (a background pass): events older than `retention.raw_events` (by event time)
+//!   are no longer served at once; ids and batch keys stored longer ago than
+//!   `retention.dedup_window` are forgotten; a segment file is deleted when none of its blocks
+//!   is needed for either (so with `raw_events` shorter than `dedup_window`, expired events
+//!   stay on disk, unserved, until their ids expire). Counters are never decremented.
+//! * Stores of the first format (an `e` key per event, with `i`/`l` index keys and a `j`
+//!   journal) are migrated into the event log on open, in steps that each commit (a crash
+//!   midway resumes), and the analytics are rebuilt (the events get new store sequences).
 //!
 //! # Crash at each step
 //!
-//! Before the apply: nothing of the group is stored, the agents got no 200 and resend. After
-//! the apply, before the flush: sled recovers the group entirely or not at all (one atomic
-//! batch), journal entry included. After the flush, before the answer: the agent resends and
-//! gets a 200 as a duplicate. While a snapshot is written: the old snapshot stays until the
-//! rename, and journal entries are only deleted after it; entries a snapshot covers are
-//! skipped on open. A database that cannot be opened stops the collector with the reason (unlike the
-//! agent's buffer, this is the system of record: moving it aside would hide data from the
-//! operator).
+//! | crash during | after restart |
+//! |---|---|
+//! | the block append, before the sled batch | blocks past `m.next_store_seq` are cut off the segment; the agents got no 200 and resend |
+//! | the sled batch, before its flush | sled recovers the batch entirely or not at all; without it, as above |
+//! | after the flush, before the answer | the agent resends and gets a 200 as a duplicate |
+//! | a snapshot write | the old snapshot stays until the rename; the events after whichever snapshot is found are replayed |
+//! | a migration step | the step committed or not; the next open goes on from there |
+//!
+//! Damage to committed data (a block before the commit point fails its header checksum, a
+//! segment is missing) stops the collector with the file and offset: this is the system of
+//! record, and moving data aside silently would hide it from the operator (the agents keep
+//! buffering meanwhile). A damaged data section found later loses that block's events for
+//! reads (logged), nothing else.
 
 use std::collections::{BTreeMap, HashSet};
+use std::hash::BuildHasherDefault;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bincode::{Decode, Encode};
-use keytrail_common::event::{Deployment, Event, EventType, ResultCode, Usage};
+use keytrail_common::event::{Event, EventType};
 use keytrail_common::time::{now_ns, UnixNanos};
 use keytrail_common::wire::BatchSeq;
 use tokio::sync::{mpsc, oneshot};
@@ -82,6 +99,13 @@ const WRITER_QUEUE: usize = 256;
 /// The analytics snapshot, in the data directory beside sled's `store/`.
 const SNAPSHOT_FILE: &str = "analytics.snap";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"KTASNAP1";
+/// How long opening waits for sled's file lock to be released.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+/// The event log's segment files, in the data directory beside sled's `store/`.
+const EVENTS_DIR: &str = "events";
+/// zstd level of event blocks: level 1 compresses about twice as fast as 3 for a few percent
+/// more bytes, and the writer thread compresses inside the group commit.
+const EVENTS_ZSTD_LEVEL: i32 = 1;
 /// A snapshot is also taken when this long has passed with new events since the last one.
 const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(600);
 /// Stored events between snapshots, unless configured otherwise.
@@ -156,119 +180,13 @@ pub struct EventPage {
     pub next_cursor: Option<(UnixNanos, u64)>,
 }
 
-/// The storage encoding of an event; separate from the wire's on purpose.
-#[derive(Encode, Decode)]
-struct StoredEventV1 {
-    id: String,
-    event_type: u8,
-    time: i64,
-    agent_id: String,
-    license: Option<String>,
-    customer: Option<String>,
-    product: Option<String>,
-    plan: Option<String>,
-    previous_plan: Option<String>,
-    region: Option<String>,
-    user: Option<String>,
-    domain: Option<String>,
-    version: Option<String>,
-    feature: Option<String>,
-    machine: Option<String>,
-    country: Option<String>,
-    deployment: Option<u8>,
-    result: u8,
-    expires_at: Option<i64>,
-    usage: [Option<u64>; 6],
-    attrs: Vec<(String, String)>,
-}
+mod events;
 
-impl From<&Event> for StoredEventV1 {
-    fn from(e: &Event) -> Self {
-        let u = &e.usage;
-        StoredEventV1 {
-            id: e.id.clone(),
-            event_type: e.event_type.tag(),
-            time: e.time,
-            agent_id: e.agent_id.clone(),
-            license: e.license.clone(),
-            customer: e.customer.clone(),
-            product: e.product.clone(),
-            plan: e.plan.clone(),
-            previous_plan: e.previous_plan.clone(),
-            region: e.region.clone(),
-            user: e.user.clone(),
-            domain: e.domain.clone(),
-            version: e.version.clone(),
-            feature: e.feature.clone(),
-            machine: e.machine.clone(),
-            country: e.country.clone(),
-            deployment: e.deployment.map(Deployment::tag),
-            result: e.result.tag(),
-            expires_at: e.expires_at,
-            usage: [
-                u.seats_used,
-                u.seats_limit,
-                u.domains_used,
-                u.domains_limit,
-                u.machines_used,
-                u.machines_limit,
-            ],
-            attrs: e.attrs.clone(),
-        }
-    }
-}
+pub use events::Purged;
+use events::{EventLog, IdHasher};
 
-impl StoredEventV1 {
-    fn into_event(self) -> Option<Event> {
-        let u = self.usage;
-        Some(Event {
-            id: self.id,
-            event_type: EventType::from_tag(self.event_type)?,
-            time: self.time,
-            agent_id: self.agent_id,
-            license: self.license,
-            customer: self.customer,
-            product: self.product,
-            plan: self.plan,
-            previous_plan: self.previous_plan,
-            region: self.region,
-            user: self.user,
-            domain: self.domain,
-            version: self.version,
-            feature: self.feature,
-            machine: self.machine,
-            country: self.country,
-            deployment: match self.deployment {
-                None => None,
-                Some(t) => Some(Deployment::from_tag(t)?),
-            },
-            result: ResultCode::from_tag(self.result)?,
-            expires_at: self.expires_at,
-            usage: Usage {
-                seats_used: u[0],
-                seats_limit: u[1],
-                domains_used: u[2],
-                domains_limit: u[3],
-                machines_used: u[4],
-                machines_limit: u[5],
-            },
-            attrs: self.attrs,
-        })
-    }
-}
-
-const BINCODE: bincode::config::Configuration = bincode::config::standard();
-
-fn encode_event(e: &Event) -> Vec<u8> {
-    let body = bincode::encode_to_vec(StoredEventV1::from(e), BINCODE).expect("encoding into memory");
-    let mut r = Vec::with_capacity(5 + body.len());
-    r.push(RECORD_VERSION);
-    r.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
-    r.extend_from_slice(&body);
-    r
-}
-
-fn decode_event(r: &[u8]) -> Option<Event> {
+/// Decodes an event record of the first store format (`1 ‖ crc32 ‖ bincode`), for migration.
+fn decode_v1_value(r: &[u8]) -> Option<Event> {
     if r.len() < 5 || r[0] != RECORD_VERSION {
         return None;
     }
@@ -276,24 +194,7 @@ fn decode_event(r: &[u8]) -> Option<Event> {
     if crc32fast::hash(body) != u32::from_be_bytes(r[1..5].try_into().ok()?) {
         return None;
     }
-    let (stored, _): (StoredEventV1, usize) = bincode::decode_from_slice(body, BINCODE).ok()?;
-    stored.into_event()
-}
-
-fn time_key(t: UnixNanos) -> [u8; 8] {
-    ((t as u64) ^ (1 << 63)).to_be_bytes()
-}
-
-fn time_from_key(b: &[u8]) -> UnixNanos {
-    (u64::from_be_bytes(b.try_into().expect("8 bytes")) ^ (1 << 63)) as i64
-}
-
-fn event_key(t: UnixNanos, seq: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(17);
-    k.push(b'e');
-    k.extend_from_slice(&time_key(t));
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
+    events::decode_record(body)
 }
 
 fn len_prefixed(prefix: u8, s: &str) -> Vec<u8> {
@@ -304,23 +205,9 @@ fn len_prefixed(prefix: u8, s: &str) -> Vec<u8> {
     k
 }
 
-fn license_key(license: &str, t: UnixNanos, seq: u64) -> Vec<u8> {
-    let mut k = len_prefixed(b'l', license);
-    k.extend_from_slice(&time_key(t));
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
 fn batch_key(agent: &str, seq: BatchSeq) -> Vec<u8> {
     let mut k = len_prefixed(b'b', agent);
     k.extend_from_slice(&seq.0.to_be_bytes());
-    k
-}
-
-fn id_key(id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + id.len());
-    k.push(b'i');
-    k.extend_from_slice(id.as_bytes());
     k
 }
 
@@ -342,6 +229,7 @@ struct Totals {
 /// The store. Reads go straight to sled; writes go through the single [`StoreWriter`] thread.
 pub struct Store {
     db: sled::Db,
+    log: EventLog,
     log_file: Option<std::fs::File>,
     totals: Mutex<Totals>,
     next_store_seq: AtomicU64,
@@ -397,28 +285,6 @@ pub struct StoreOptions {
     pub snapshot_every: u64,
 }
 
-fn journal_key(first_seq: u64) -> [u8; 9] {
-    let mut k = [b'j'; 9];
-    k[1..].copy_from_slice(&first_seq.to_be_bytes());
-    k
-}
-
-/// A journal entry: `(first store sequence, event times)`.
-fn decode_journal(k: &[u8], v: &[u8]) -> Option<(u64, Vec<i64>)> {
-    if k.len() != 9 || v.len() < 4 {
-        return None;
-    }
-    let n = u32::from_be_bytes(v[..4].try_into().expect("4 bytes")) as usize;
-    if v.len() != 4 + 8 * n {
-        return None;
-    }
-    let times = v[4..]
-        .chunks_exact(8)
-        .map(|c| i64::from_be_bytes(c.try_into().expect("8 bytes")))
-        .collect();
-    Some((be_u64(&k[1..]), times))
-}
-
 /// Reads `analytics.snap`: `Ok(None)` when there is none.
 fn read_snapshot(path: &Path, plans: &BTreeMap<String, Plan>) -> Result<Option<Analytics>, String> {
     let file = match std::fs::File::open(path) {
@@ -446,31 +312,40 @@ fn read_snapshot(path: &Path, plans: &BTreeMap<String, Plan>) -> Result<Option<A
         .map_err(|e| e.to_string())
 }
 
-/// The analytics as of everything stored: the snapshot plus the journal after it, or a rebuild
-/// from the raw events.
+/// The analytics as of everything stored: the snapshot plus the events stored after it (read
+/// back from the event log), or a rebuild from the raw events.
 fn open_analytics(
     db: &sled::Db,
+    log: &EventLog,
     dir: &Path,
     plans: &BTreeMap<String, Plan>,
     next_seq: u64,
+    migrated: bool,
 ) -> Result<(Analytics, AnalyticsOrigin), StoreError> {
-    // Stores of an earlier format kept per-record analytics under `x`: drop them, rebuild.
+    // Stores of an earlier format kept per-record analytics under `x` and a journal under `j`:
+    // drop them (the event log replaces the journal).
     let mut legacy = false;
-    loop {
-        let mut w = sled::Batch::default();
-        let mut n = 0;
-        for item in db.scan_prefix(b"x").take(10_000) {
-            w.remove(item?.0);
-            n += 1;
+    for prefix in [b"x", b"j"] {
+        loop {
+            let mut w = sled::Batch::default();
+            let mut n = 0;
+            for item in db.scan_prefix(prefix).take(10_000) {
+                w.remove(item?.0);
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            legacy |= prefix == b"x";
+            db.apply_batch(w)?;
         }
-        if n == 0 {
-            break;
-        }
-        legacy = true;
-        db.apply_batch(w)?;
     }
     let _ = std::fs::remove_file(dir.join(format!("{SNAPSHOT_FILE}.tmp")));
-    let mut why_rebuild = legacy.then(|| "the store holds analytics records of an earlier format".to_string());
+    let mut why_rebuild = if migrated {
+        Some("the store was migrated to the block event log (new store sequences)".to_string())
+    } else {
+        legacy.then(|| "the store holds analytics records of an earlier format".to_string())
+    };
     let mut a = Analytics::new(plans.clone());
     if why_rebuild.is_none() {
         let started = Instant::now();
@@ -495,32 +370,6 @@ fn open_analytics(
             "{SNAPSHOT_FILE} covers store sequence {start}, past what the store holds ({next_seq})"
         ));
     }
-    // The journal must run unbroken from the snapshot to the end of the store.
-    let mut entries = Vec::new();
-    if why_rebuild.is_none() {
-        let mut expected = start;
-        for item in db.scan_prefix(b"j") {
-            let (k, v) = item?;
-            let Some((first, times)) = decode_journal(&k, &v) else {
-                why_rebuild = Some(format!("journal entry {} is malformed", hex::encode(&k)));
-                break;
-            };
-            if first < start {
-                continue; // covered by the snapshot
-            }
-            if first != expected {
-                why_rebuild = Some(format!("the journal jumps from store sequence {expected} to {first}"));
-                break;
-            }
-            expected = first + times.len() as u64;
-            entries.push((first, times));
-        }
-        if why_rebuild.is_none() && expected != next_seq {
-            why_rebuild = Some(format!(
-                "the journal ends at store sequence {expected}, the store at {next_seq}"
-            ));
-        }
-    }
     if let Some(reason) = why_rebuild {
         if next_seq > 0 || legacy {
             tracing::warn!(%reason, "rebuilding the analytics from the stored raw events (events purged by retention are no longer counted)");
@@ -528,15 +377,11 @@ fn open_analytics(
         let started = Instant::now();
         let mut a = Analytics::new(plans.clone());
         let mut n = 0u64;
-        // In (time, store sequence) order no event is late: no successor is ever looked up.
-        for item in db.scan_prefix(b"e") {
-            let (k, v) = item?;
-            let seq = be_u64(&k[9..17]);
-            if let Some(e) = decode_event(&v) {
-                a.apply(&e, seq, &StoredHistory { db, before: seq });
-                n += 1;
-            }
-        }
+        // In store order, as the events were first applied: late ones look their successors up.
+        log.for_each(|seq, e| {
+            a.apply(&e, seq, &StoredHistory { log, before: seq });
+            n += 1;
+        });
         a.set_applied_through(next_seq);
         if next_seq > 0 {
             tracing::info!(
@@ -548,24 +393,20 @@ fn open_analytics(
         return Ok((a, AnalyticsOrigin::Rebuilt { events: n, reason }));
     }
     let started = Instant::now();
-    let mut replayed = 0u64;
-    for (first, times) in entries {
-        for (i, t) in times.into_iter().enumerate() {
-            let seq = first + i as u64;
-            match db.get(event_key(t, seq))?.as_deref().and_then(decode_event) {
-                Some(e) => a.apply(&e, seq, &StoredHistory { db, before: seq }),
-                None => a.count_inexact(), // purged by retention before the replay
-            }
-            replayed += 1;
+    for seq in start..next_seq {
+        match log.event(seq) {
+            Some(e) => a.apply(&e, seq, &StoredHistory { log, before: seq }),
+            None => a.count_inexact(), // purged by retention before the replay
         }
     }
+    let replayed = next_seq - start;
     a.set_applied_through(next_seq);
     if replayed > 0 {
         tracing::info!(
             snapshot_covers = start,
             replayed,
             seconds = started.elapsed().as_secs_f64(),
-            "analytics loaded: snapshot plus journal"
+            "analytics loaded: snapshot plus the events stored after it"
         );
     }
     Ok((
@@ -575,6 +416,93 @@ fn open_analytics(
             replayed,
         },
     ))
+}
+
+/// The key of the id hashes ([`EventLog::hash_id`]): random, made once per store.
+fn id_hash_key(db: &sled::Db) -> Result<(u64, u64), StoreError> {
+    if let Some(v) = db.get(b"m.id_key")? {
+        if v.len() == 16 {
+            return Ok((be_u64(&v[..8]), be_u64(&v[8..])));
+        }
+        return Err(StoreError::Write("m.id_key is damaged".into()));
+    }
+    let mut k = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut k)
+        .map_err(|_| StoreError::Write("no randomness for the id hash key".into()))?;
+    db.insert(b"m.id_key", &k)?;
+    db.flush()?;
+    Ok((be_u64(&k[..8]), be_u64(&k[8..])))
+}
+
+/// Moves the events of a first-format store (one sled key per event, plus id and license
+/// index keys) into the event log, in steps that each commit on their own: a crash midway
+/// resumes on the next open. Returns whether anything was migrated.
+fn migrate_v1(db: &sled::Db, log: &EventLog, next: &mut u64) -> Result<bool, StoreError> {
+    if db.scan_prefix(b"e").next().is_none() {
+        return Ok(false);
+    }
+    tracing::warn!("migrating the store's raw events into the block event log");
+    let started = Instant::now();
+    let now = now_ns();
+    let mut moved = 0u64;
+    loop {
+        let mut keys = Vec::new();
+        let mut evs = Vec::new();
+        for item in db.scan_prefix(b"e").take(events::MAX_BLOCK_EVENTS) {
+            let (k, v) = item?;
+            match decode_v1_value(&v) {
+                Some(e) => evs.push(e),
+                None => tracing::error!(key = %hex::encode(&k), "a stored event failed its checksum; not migrated"),
+            }
+            keys.push(k);
+        }
+        if keys.is_empty() {
+            break;
+        }
+        let hashed: Vec<(&Event, u128)> = evs.iter().map(|e| (e, log.hash_id(&e.id))).collect();
+        let mut w = sled::Batch::default();
+        for k in keys {
+            w.remove(k);
+        }
+        let appended = if hashed.is_empty() {
+            None
+        } else {
+            Some(
+                log.append(*next, now, &hashed)
+                    .map_err(|e| StoreError::Write(format!("migrating events: {e}")))?,
+            )
+        };
+        *next += hashed.len() as u64;
+        w.insert(b"m.next_store_seq" as &[u8], &next.to_be_bytes());
+        db.apply_batch(w)?;
+        db.flush()?;
+        if let Some(a) = appended {
+            log.publish(a);
+        }
+        moved += hashed.len() as u64;
+    }
+    // The per-event id and license index keys are replaced by the log's own indexes.
+    for prefix in [b"i", b"l"] {
+        loop {
+            let mut w = sled::Batch::default();
+            let mut n = 0;
+            for item in db.scan_prefix(prefix).take(10_000) {
+                w.remove(item?.0);
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            db.apply_batch(w)?;
+        }
+    }
+    db.flush()?;
+    tracing::warn!(
+        events = moved,
+        seconds = started.elapsed().as_secs_f64(),
+        "store migrated"
+    );
+    Ok(true)
 }
 
 impl Store {
@@ -596,9 +524,25 @@ impl Store {
             .cache_capacity(cache_bytes)
             .flush_every_ms(Some(1000));
         let started = Instant::now();
-        let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
-            .map_err(|_| err("sled panicked while opening the database".into()))?
-            .map_err(|e| err(e.to_string()))?;
+        // sled locks its files; a store just closed by this process (or a collector that is
+        // still exiting) can hold the lock for a moment after it let go of the database.
+        let db = loop {
+            let config = config.clone();
+            let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || config.open()))
+                .map_err(|_| err("sled panicked while opening the database".into()))?;
+            match opened {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    if started.elapsed() > LOCK_WAIT {
+                        return Err(err(format!(
+                            "the store is locked by another process (is another keytrail-collector using this data directory?): {e}"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(err(e.to_string())),
+            }
+        };
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "store database opened");
         let log_file = std::fs::OpenOptions::new()
             .write(true)
@@ -617,14 +561,28 @@ impl Store {
                 totals.agents.insert(agent, (be_u64(&v[..8]) as i64, be_u64(&v[8..])));
             }
         }
-        let next = db.get(b"m.next_store_seq")?.map_or(0, |v| be_u64(&v));
-        let (analytics, origin) = open_analytics(&db, dir, &plans, next).map_err(|e| err(e.to_string()))?;
+        let mut next = db.get(b"m.next_store_seq")?.map_or(0, |v| be_u64(&v));
+        let started = Instant::now();
+        let key = id_hash_key(&db).map_err(|e| err(e.to_string()))?;
+        let log = EventLog::open(&dir.join(EVENTS_DIR), key, next, EVENTS_ZSTD_LEVEL).map_err(err)?;
+        let migrated = migrate_v1(&db, &log, &mut next).map_err(|e| err(e.to_string()))?;
+        let (blocks, licenses, ids) = log.sizes();
+        tracing::info!(
+            blocks,
+            licenses,
+            ids,
+            seconds = started.elapsed().as_secs_f64(),
+            "event log opened"
+        );
+        let (analytics, origin) =
+            open_analytics(&db, &log, dir, &plans, next, migrated).map_err(|e| err(e.to_string()))?;
         let snapshot = match &origin {
             AnalyticsOrigin::Snapshot { covers, .. } => Some(*covers),
             AnalyticsOrigin::Rebuilt { .. } => None,
         };
         let store = Arc::new(Store {
             db,
+            log,
             log_file,
             totals: Mutex::new(totals),
             next_store_seq: AtomicU64::new(next),
@@ -643,7 +601,7 @@ impl Store {
             },
         });
         if snapshot.is_none() && next > 0 {
-            // A rebuild is slow: keep its result (and start a fresh journal).
+            // A rebuild is slow: keep its result.
             store
                 .snapshot_now()
                 .map_err(|e| err(format!("writing the rebuilt analytics snapshot: {e}")))?;
@@ -799,8 +757,7 @@ impl Store {
         self.write_snapshot(seq, &bytes)
     }
 
-    /// Writes a snapshot covering store sequences below `seq` (unless a newer one is on disk),
-    /// then deletes the journal entries it covers.
+    /// Writes a snapshot covering store sequences below `seq` (unless a newer one is on disk).
     fn write_snapshot(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
         let mut written = self.snapshots.written.lock().expect("snapshot");
         if seq <= *written && seq != 0 {
@@ -826,13 +783,6 @@ impl Store {
         }
         *written = seq;
         drop(written);
-        // The journal entries the snapshot covers; losing these deletes to a crash is harmless
-        // (entries below the snapshot are skipped on open).
-        let mut w = sled::Batch::default();
-        for item in self.db.range(journal_key(0)..journal_key(seq)) {
-            w.remove(item?.0);
-        }
-        self.db.apply_batch(w)?;
         tracing::info!(
             covers = seq,
             bytes = bytes.len(),
@@ -843,17 +793,18 @@ impl Store {
         Ok(())
     }
 
-    /// Dedups and stores a group of batches in one atomic batch and one flush.
-    fn commit(&self, jobs: &[Job]) -> Result<Vec<IngestOutcome>, sled::Error> {
+    /// Dedups and stores a group of batches: its events as blocks of the event log (synced),
+    /// then dedup keys, counters and the commit point in one atomic sled batch and one flush.
+    fn commit(&self, jobs: &[Job]) -> Result<Vec<IngestOutcome>, StoreError> {
         let now = now_ns();
         let mut w = sled::Batch::default();
-        let mut seen_ids: HashSet<String> = HashSet::new();
+        let mut seen_ids: HashSet<u128, BuildHasherDefault<IdHasher>> = HashSet::default();
         let mut seen_batches: HashSet<Vec<u8>> = HashSet::new();
         let mut outcomes = Vec::with_capacity(jobs.len());
         let mut delta = [0u64; 5];
         let mut agent_delta: BTreeMap<&str, u64> = BTreeMap::new();
-        let mut seq = self.next_store_seq.load(Ordering::Relaxed);
-        let mut stored: Vec<(&Event, u64)> = Vec::new();
+        let first = self.next_store_seq.load(Ordering::Relaxed);
+        let mut stored: Vec<(&Event, u128)> = Vec::new();
         for job in jobs {
             let b = &job.batch;
             let n = b.events.len() as u64;
@@ -881,24 +832,10 @@ impl Store {
                     "batch sequence reused with different content (agent lost its buffer?): deduplicating by event id");
             }
             seen_batches.insert(bkey.clone());
-            let plan = dedup::plan(
-                &b.events,
-                |id| self.db.contains_key(id_key(id)).unwrap_or(false),
-                &mut seen_ids,
-            );
+            let hashes: Vec<u128> = b.events.iter().map(|e| self.log.hash_id(&e.id)).collect();
+            let plan = dedup::plan(&hashes, |h| self.log.seen(*h), &mut seen_ids);
             for &i in &plan.new {
-                let e = &b.events[i];
-                w.insert(event_key(e.time, seq), encode_event(e));
-                if let Some(l) = &e.license {
-                    w.insert(license_key(l, e.time, seq), &[] as &[u8]);
-                }
-                let mut iv = Vec::with_capacity(24);
-                iv.extend_from_slice(&now.to_be_bytes());
-                iv.extend_from_slice(&e.time.to_be_bytes());
-                iv.extend_from_slice(&seq.to_be_bytes());
-                w.insert(id_key(&e.id), iv);
-                stored.push((e, seq));
-                seq += 1;
+                stored.push((&b.events[i], hashes[i]));
             }
             let mut bv = Vec::with_capacity(16);
             bv.extend_from_slice(&now.to_be_bytes());
@@ -914,7 +851,8 @@ impl Store {
                 duplicate_batch: false,
             });
         }
-        // Counters and agent stats move in the same atomic batch as the data.
+        let next = first + stored.len() as u64;
+        // Counters and agent stats move in the same atomic batch as the commit point.
         let (counters, agents) = {
             let t = self.totals.lock().expect("totals");
             let mut c = t.counters;
@@ -939,37 +877,48 @@ impl Store {
             k.extend_from_slice(a.as_bytes());
             w.insert(k, v);
         }
-        w.insert(b"m.next_store_seq" as &[u8], &seq.to_be_bytes());
-        if let Some((_, first)) = stored.first() {
-            let mut j = Vec::with_capacity(4 + 8 * stored.len());
-            j.extend_from_slice(&(stored.len() as u32).to_be_bytes());
-            for (e, _) in &stored {
-                j.extend_from_slice(&e.time.to_be_bytes());
+        w.insert(b"m.next_store_seq" as &[u8], &next.to_be_bytes());
+        // The blocks are on disk before the batch that commits them.
+        let appended = if stored.is_empty() {
+            None
+        } else {
+            Some(
+                self.log
+                    .append(first, now, &stored)
+                    .map_err(|e| StoreError::Write(format!("appending to the event log: {e}")))?,
+            )
+        };
+        if let Err(e) = self.db.apply_batch(w) {
+            if let Some(a) = appended {
+                self.log.rollback(a);
             }
-            w.insert(journal_key(*first).to_vec(), j);
+            return Err(e.into());
         }
-        self.db.apply_batch(w)?;
+        if let Some(a) = appended {
+            self.log.publish(a);
+        }
         {
-            // The group is in sled now (the successor lookups of late events read it; they
+            // The group is published now (the successor lookups of late events read it; they
             // only see events stored before the one being applied).
             let mut a = self.analytics.write().expect("analytics lock");
-            for (e, s) in &stored {
+            for (i, (e, _)) in stored.iter().enumerate() {
+                let seq = first + i as u64;
                 a.apply(
                     e,
-                    *s,
+                    seq,
                     &StoredHistory {
-                        db: &self.db,
-                        before: *s,
+                        log: &self.log,
+                        before: seq,
                     },
                 );
             }
-            a.set_applied_through(seq);
+            a.set_applied_through(next);
         }
         self.snapshots.since.fetch_add(stored.len() as u64, Ordering::Relaxed);
         // sled holds the group in memory now: advance the in-memory mirror before flushing, so
         // a failed flush cannot make the next group reuse store sequences or write counters
         // that go backwards. The agents only get their 200 after the flush.
-        self.next_store_seq.store(seq, Ordering::Relaxed);
+        self.next_store_seq.store(next, Ordering::Relaxed);
         {
             let mut t = self.totals.lock().expect("totals");
             t.counters = counters;
@@ -979,7 +928,8 @@ impl Store {
         }
         self.db.flush()?;
         if let Some(f) = &self.log_file {
-            f.sync_data()?;
+            f.sync_data()
+                .map_err(|e| StoreError::Write(format!("syncing the store: {e}")))?;
         }
         Ok(outcomes)
     }
@@ -987,116 +937,52 @@ impl Store {
     /// `GET /v1/events`: newest first, filtered, paginated.
     pub fn events(&self, q: &EventQuery) -> Result<EventPage, StoreError> {
         let limit = q.limit.clamp(1, 1000);
-        let lo_t = q.from.unwrap_or(i64::MIN);
+        let lo = q.from.unwrap_or(i64::MIN);
         let mut hi: (UnixNanos, u64) = (q.to.unwrap_or(i64::MAX), 0);
         if let Some(c) = q.cursor {
             hi = hi.min(c);
         }
-        let mut out = Vec::new();
-        let mut last = None;
-        let mut push = |t: UnixNanos, seq: u64, e: Event, out: &mut Vec<Event>| -> bool {
-            if q.event_type.is_some_and(|ty| ty != e.event_type) {
-                return false;
-            }
-            out.push(e);
-            last = Some((t, seq));
-            out.len() >= limit
+        let rows = self.log.page(q.license.as_deref(), lo, hi, limit, &|e| {
+            q.event_type.is_none_or(|ty| ty == e.event_type)
+        });
+        let next_cursor = if rows.len() >= limit {
+            rows.last().map(|r| (r.0, r.1))
+        } else {
+            None
         };
-        match &q.license {
-            Some(lic) => {
-                let prefix = len_prefixed(b'l', lic);
-                let mut lo = prefix.clone();
-                lo.extend_from_slice(&time_key(lo_t));
-                let mut hi_key = prefix.clone();
-                hi_key.extend_from_slice(&time_key(hi.0));
-                hi_key.extend_from_slice(&hi.1.to_be_bytes());
-                for item in self.db.range(lo..hi_key).rev() {
-                    let (k, _) = item?;
-                    let rest = &k[prefix.len()..];
-                    let t = time_from_key(&rest[..8]);
-                    let seq = be_u64(&rest[8..16]);
-                    if let Some(v) = self.db.get(event_key(t, seq))? {
-                        if let Some(e) = decode_event(&v) {
-                            if push(t, seq, e, &mut out) {
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
-            None => {
-                let lo = event_key(lo_t, 0);
-                let hi_key = event_key(hi.0, hi.1);
-                for item in self.db.range(lo..hi_key).rev() {
-                    let (k, v) = item?;
-                    let t = time_from_key(&k[1..9]);
-                    let seq = be_u64(&k[9..17]);
-                    match decode_event(&v) {
-                        Some(e) => {
-                            if push(t, seq, e, &mut out) {
-                                break;
-                            }
-                        }
-                        None => tracing::error!(time = t, seq, "stored event failed its checksum; skipped"),
-                    }
-                }
-            }
-        }
-        let next_cursor = if out.len() >= limit { last } else { None };
         Ok(EventPage {
-            events: out,
+            events: rows.into_iter().map(|r| r.2).collect(),
             next_cursor,
         })
     }
 
-    /// Deletes what retention allows. Returns (raw events deleted, dedup keys deleted).
+    /// Deletes what retention allows. Returns (raw events no longer served, dedup entries
+    /// forgotten: event ids and batch keys).
     pub fn purge(&self, now: UnixNanos) -> Result<(u64, u64), StoreError> {
         let raw_cutoff = now.saturating_sub(self.raw_events.as_nanos() as i64);
         let dedup_cutoff = now.saturating_sub(self.dedup_window.as_nanos() as i64);
-        let mut raw = 0u64;
-        loop {
-            let mut w = sled::Batch::default();
-            let mut n = 0;
-            for item in self
-                .db
-                .range(event_key(i64::MIN, 0)..event_key(raw_cutoff, 0))
-                .take(10_000)
-            {
-                let (k, v) = item?;
-                let t = time_from_key(&k[1..9]);
-                let seq = be_u64(&k[9..17]);
-                if let Some(l) = decode_event(&v).and_then(|e| e.license) {
-                    w.remove(license_key(&l, t, seq));
-                }
+        let p = self.log.purge(raw_cutoff, dedup_cutoff).map_err(StoreError::Write)?;
+        if p.segments > 0 {
+            tracing::info!(segments = p.segments, "retention deleted event segments");
+        }
+        let mut dedup = p.ids;
+        let mut w = sled::Batch::default();
+        let mut pending = 0;
+        for item in self.db.scan_prefix(b"b") {
+            let (k, v) = item?;
+            if v.len() >= 8 && (be_u64(&v[..8]) as i64) < dedup_cutoff {
                 w.remove(k);
-                n += 1;
-            }
-            if n == 0 {
-                break;
-            }
-            self.db.apply_batch(w)?;
-            raw += n;
-        }
-        let mut dedup = 0u64;
-        for prefix in [b"i", b"b"] {
-            let mut w = sled::Batch::default();
-            let mut pending = 0;
-            for item in self.db.scan_prefix(prefix) {
-                let (k, v) = item?;
-                if v.len() >= 8 && (be_u64(&v[..8]) as i64) < dedup_cutoff {
-                    w.remove(k);
-                    pending += 1;
-                    dedup += 1;
-                    if pending == 10_000 {
-                        self.db.apply_batch(std::mem::take(&mut w))?;
-                        pending = 0;
-                    }
+                pending += 1;
+                dedup += 1;
+                if pending == 10_000 {
+                    self.db.apply_batch(std::mem::take(&mut w))?;
+                    pending = 0;
                 }
             }
-            self.db.apply_batch(w)?;
         }
+        self.db.apply_batch(w)?;
         self.db.flush()?;
-        Ok((raw, dedup))
+        Ok((p.raw_events, dedup))
     }
 
     /// Final flush, and a snapshot so the next open needs no replay.
@@ -1110,33 +996,14 @@ impl Store {
 /// A late event's successor, from the raw events ([`analytics::History`]): the first event of
 /// the license after the given time that was stored before the event being applied.
 struct StoredHistory<'a> {
-    db: &'a sled::Db,
+    log: &'a EventLog,
     /// The store sequence of the event being applied.
     before: u64,
 }
 
 impl analytics::History for StoredHistory<'_> {
     fn next_after(&self, license: &str, after: UnixNanos, carries: &dyn Fn(&Event) -> bool) -> Option<(u64, Event)> {
-        if after == i64::MAX {
-            return None;
-        }
-        let start = license_key(license, after + 1, 0);
-        let end = license_key(license, i64::MAX, u64::MAX);
-        for item in self.db.range(start..=end) {
-            let Ok((k, _)) = item else { break };
-            let rest = &k[k.len() - 16..];
-            let (t, seq) = (time_from_key(&rest[..8]), be_u64(&rest[8..16]));
-            if seq >= self.before {
-                continue;
-            }
-            let Ok(Some(v)) = self.db.get(event_key(t, seq)) else {
-                continue;
-            };
-            if let Some(e) = decode_event(&v).filter(|e| carries(e)) {
-                return Some((seq, e));
-            }
-        }
-        None
+        self.log.next_after(license, after, self.before, carries)
     }
 }
 
@@ -1319,6 +1186,75 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_format_store_is_migrated_into_the_event_log() {
+        let dir = tmp("migrate");
+        let events: Vec<Event> = (0..6000)
+            .map(|i| ev(&format!("m{i}"), ["p", "q"][i % 2], i as i64))
+            .collect();
+        {
+            // The first format: an `e` key per event, `l` and `i` index keys, a journal.
+            let db = sled::open(dir.join("store")).unwrap();
+            for (seq, e) in events.iter().enumerate() {
+                let body = events::encode_record(e);
+                let mut v = vec![RECORD_VERSION];
+                v.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+                v.extend_from_slice(&body);
+                let mut k = vec![b'e'];
+                k.extend_from_slice(&((e.time as u64) ^ (1 << 63)).to_be_bytes());
+                k.extend_from_slice(&(seq as u64).to_be_bytes());
+                db.insert(k, v).unwrap();
+                db.insert(format!("i{}", e.id), vec![0u8; 24]).unwrap();
+                db.insert(format!("l\0\x01{}", e.license.as_deref().unwrap()), vec![])
+                    .unwrap();
+            }
+            db.insert(b"j\0\0\0\0\0\0\0\0", vec![0u8; 4]).unwrap();
+            db.insert(b"m.next_store_seq", &6000u64.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let s = Store::open(&dir, opts()).unwrap();
+        match s.analytics_origin() {
+            AnalyticsOrigin::Rebuilt { events: 6000, reason } => assert!(reason.contains("migrated"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        for prefix in [b"e", b"i", b"l", b"j"] {
+            assert!(
+                s.db.scan_prefix(prefix).next().is_none(),
+                "{:?} keys left",
+                prefix[0] as char
+            );
+        }
+        let p = s
+            .events(&EventQuery {
+                license: Some("q".into()),
+                limit: 3,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            p.events.iter().map(|e| e.time).collect::<Vec<_>>(),
+            vec![5999, 5997, 5995]
+        );
+        // Migrated ids still deduplicate.
+        let w = s.start_writer();
+        let o = w
+            .ingest(batch(1, 1, vec![ev("m17", "q", 17), ev("new", "q", 9000)]))
+            .await
+            .unwrap();
+        assert_eq!((o.stored, o.duplicates), (1, 1));
+        stop(&s, w).await;
+        drop(s);
+        let s = Store::open(&dir, opts()).unwrap();
+        assert_eq!(
+            s.analytics_origin(),
+            &AnalyticsOrigin::Snapshot {
+                covers: 12_000,
+                replayed: 1
+            }
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// Varied events for the analytics: plans, statuses, features, late arrivals.
     fn analytics_events(n: usize, seed: u64) -> Vec<Event> {
         let mut rng = fastrand::Rng::with_seed(seed);
@@ -1392,10 +1328,10 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn analytics_reopen_from_snapshot_journal_or_rebuild_gives_the_same_answers() {
+    async fn analytics_reopen_from_snapshot_replay_or_rebuild_gives_the_same_answers() {
         let dir = tmp("snap");
         let events = analytics_events(400, 1);
-        // Journal only (no snapshot yet), no close: everything is replayed from the journal.
+        // No snapshot yet, no close: everything is replayed from the event log.
         let live = {
             let s = Store::open(&dir, opts_every(u64::MAX)).unwrap();
             let w = s.start_writer();
@@ -1423,7 +1359,7 @@ mod tests {
         }
         assert!(dir.join(SNAPSHOT_FILE).exists());
         let old_snapshot = std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap();
-        // Snapshot plus a journal tail; background snapshots every 100 events on the way.
+        // Snapshot plus a tail; background snapshots every 100 events on the way.
         let live = {
             let s = Store::open(&dir, opts_every(100)).unwrap();
             assert_eq!(
@@ -1449,11 +1385,29 @@ mod tests {
         }
         assert_eq!(answers(&s), live);
         drop(s);
-        // An older snapshot whose journal was deleted (a gap, or none left): a rebuild.
+        // An older snapshot: the events after it are replayed from the event log.
         std::fs::write(dir.join(SNAPSHOT_FILE), &old_snapshot).unwrap();
         let s = Store::open(&dir, opts_every(100)).unwrap();
+        assert_eq!(
+            s.analytics_origin(),
+            &AnalyticsOrigin::Snapshot {
+                covers: 400,
+                replayed: 330
+            }
+        );
+        assert_eq!(answers(&s), live);
+        drop(s);
+        // A snapshot from the future of this store (the data directory was restored from an
+        // older backup): a rebuild.
+        {
+            let mut a = Analytics::new(BTreeMap::new());
+            a.set_applied_through(10_000);
+            let s = Store::open(&dir, opts_every(100)).unwrap();
+            s.write_snapshot(10_000, &a.snapshot()).unwrap();
+        }
+        let s = Store::open(&dir, opts_every(100)).unwrap();
         match s.analytics_origin() {
-            AnalyticsOrigin::Rebuilt { events: 730, reason } => assert!(reason.contains("journal"), "{reason}"),
+            AnalyticsOrigin::Rebuilt { events: 730, reason } => assert!(reason.contains("past what"), "{reason}"),
             other => panic!("{other:?}"),
         }
         assert_eq!(answers(&s), live);
