@@ -277,6 +277,12 @@ pub struct Analytics {
     cells: Vec<BTreeMap<(i32, u32), Cell>>,
     /// License name → id, in name order (the order of every per-license answer).
     by_name: BTreeMap<String, u32>,
+    /// The same, hashed: the lookup of every applied event (not in snapshots).
+    name_ids: HashMap<String, u32>,
+    /// Per license id, the variant of its latest cell event (`u32::MAX`: none yet): a
+    /// license's dimensions rarely change, so this spares building and hashing a variant per
+    /// event (not in snapshots).
+    last_variant: Vec<u32>,
     variants: Vec<Variant>,
     variant_ids: HashMap<Variant, u32>,
     /// User names by id (cells hold ids: compact, and distinct counts need no string compares).
@@ -316,7 +322,7 @@ impl Analytics {
     }
 
     fn license_id(&mut self, name: &str, time: i64) -> u32 {
-        if let Some(&id) = self.by_name.get(name) {
+        if let Some(&id) = self.name_ids.get(name) {
             return id;
         }
         let id = self.licenses.len() as u32;
@@ -329,10 +335,26 @@ impl Analytics {
         });
         self.cells.push(BTreeMap::new());
         self.by_name.insert(name.to_string(), id);
+        self.name_ids.insert(name.to_string(), id);
+        self.last_variant.push(u32::MAX);
         id
     }
 
-    fn variant_id(&mut self, e: &Event) -> u32 {
+    fn variant_id(&mut self, license: u32, e: &Event) -> u32 {
+        let last = self.last_variant[license as usize];
+        if let Some(v) = self.variants.get(last as usize) {
+            let same = (0..5).all(|i| v.0[i].as_deref() == own_dim(e, i))
+                && v.0[5].as_deref() == e.deployment.map(|d| d.as_str());
+            if same {
+                return last;
+            }
+        }
+        let id = self.variant_id_of(e);
+        self.last_variant[license as usize] = id;
+        id
+    }
+
+    fn variant_id_of(&mut self, e: &Event) -> u32 {
         let v = Variant([
             e.plan.clone(),
             e.product.clone(),
@@ -382,9 +404,12 @@ impl Analytics {
         let mut outcomes = Vec::new();
         for i in 0..6 {
             if let Some(v) = own_dim(e, i) {
-                outcomes.push(record(&mut l.dims[i], e, seq, v.to_string(), history, |x| {
-                    own_dim(x, i).map(str::to_string)
-                }));
+                // The usual case, the same value as the latest, needs no owned copy.
+                if !l.dims[i].repeats(t, seq, |x| x == v) {
+                    outcomes.push(record(&mut l.dims[i], e, seq, v.to_string(), history, |x| {
+                        own_dim(x, i).map(str::to_string)
+                    }));
+                }
             }
             if let Some(v) = usage_of(e, i) {
                 outcomes.push(record(&mut l.usage[i], e, seq, v, history, |x| usage_of(x, i)));
@@ -451,7 +476,7 @@ impl Analytics {
         if !in_cell {
             return;
         }
-        let variant = self.variant_id(e);
+        let variant = self.variant_id(id, e);
         let user = e.user.as_deref().map(|u| self.user_id(u));
         let day = day_of(t);
         let cell = self.cells[id as usize].entry((day, variant)).or_default();
@@ -568,6 +593,7 @@ impl Analytics {
             if a.by_name.insert(l.name.clone(), id as u32).is_some() {
                 return Err(err(format!("license {:?} twice", l.name)));
             }
+            a.name_ids.insert(l.name.clone(), id as u32);
         }
         for (id, v) in s.variants.iter().enumerate() {
             if a.variant_ids.insert(v.clone(), id as u32).is_some() {
@@ -587,6 +613,7 @@ impl Analytics {
                 return Err(err(format!("cell of day {} holds an unknown user", key.0)));
             }
         }
+        a.last_variant = vec![u32::MAX; s.licenses.len()];
         a.licenses = s.licenses;
         a.cells = s.cells;
         a.variants = s.variants;

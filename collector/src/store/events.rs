@@ -217,13 +217,6 @@ impl BlockMeta {
     }
 }
 
-/// One event's line of a block's index section.
-struct IndexEntry {
-    hash: u128,
-    license: Option<Arc<str>>,
-    time: i64,
-}
-
 /// A block decompressed, with where each record starts.
 struct Decoded {
     bytes: Vec<u8>,
@@ -305,7 +298,8 @@ pub(super) struct Appended {
     segment: u64,
     len_before: u64,
     metas: Vec<BlockMeta>,
-    entries: Vec<(u64, IndexEntry)>,
+    /// The index section of each block in `metas`.
+    indexes: Vec<ParsedIndex>,
 }
 
 /// What a retention pass removed.
@@ -370,8 +364,15 @@ fn parse_header(h: &[u8], segment: u64, offset: u64) -> Option<(BlockMeta, u32)>
     sane.then_some((meta, be32(h, 1)))
 }
 
+/// A block's index section: its license names, and per event `(id hash, license ordinal or
+/// [`NO_LICENSE`], time)`.
+struct ParsedIndex {
+    licenses: Vec<Arc<str>>,
+    lines: Vec<(u128, u32, i64)>,
+}
+
 /// Parses an index section of `count` events.
-fn parse_index(b: &[u8], count: u32) -> Option<Vec<IndexEntry>> {
+fn parse_index(b: &[u8], count: u32) -> Option<ParsedIndex> {
     let mut at = 0usize;
     let n = u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as usize;
     at += 4;
@@ -385,20 +386,19 @@ fn parse_index(b: &[u8], count: u32) -> Option<Vec<IndexEntry>> {
     if b.len() != at + 28 * count as usize {
         return None;
     }
-    let mut out = Vec::with_capacity(count as usize);
+    let mut lines = Vec::with_capacity(count as usize);
     for c in b[at..].chunks_exact(28) {
         let ord = be32(c, 16);
-        out.push(IndexEntry {
-            hash: u128::from_be_bytes(c[..16].try_into().expect("16 bytes")),
-            license: if ord == NO_LICENSE {
-                None
-            } else {
-                Some(Arc::clone(licenses.get(ord as usize)?))
-            },
-            time: be64(c, 20) as i64,
-        });
+        if ord != NO_LICENSE && ord as usize >= licenses.len() {
+            return None;
+        }
+        lines.push((
+            u128::from_be_bytes(c[..16].try_into().expect("16 bytes")),
+            ord,
+            be64(c, 20) as i64,
+        ));
     }
-    Some(out)
+    Some(ParsedIndex { licenses, lines })
 }
 
 impl EventLog {
@@ -430,6 +430,9 @@ impl EventLog {
             raw_floor: AtomicI64::new(i64::MIN),
         };
         let mut t = Tables::default();
+        // Per license, its (time, seq) list in store order; sorted into the index at the end.
+        let mut slot_of: HashMap<Arc<str>, usize> = HashMap::new();
+        let mut lists: Vec<Vec<(i64, u64)>> = Vec::new();
         let mut expected: Option<u64> = None;
         let mut cut = false;
         let mut tail = None;
@@ -487,14 +490,25 @@ impl EventLog {
                     cut = true;
                     break;
                 }
-                let entries = parse_index(&index, meta.count).ok_or_else(|| bad("malformed index section"))?;
-                for (i, e) in entries.into_iter().enumerate() {
-                    t.ids.insert(e.hash);
-                    if let Some(l) = e.license {
-                        t.by_license
-                            .entry(l)
-                            .or_default()
-                            .insert((e.time, meta.first_seq + i as u64));
+                let parsed = parse_index(&index, meta.count).ok_or_else(|| bad("malformed index section"))?;
+                if t.ids.capacity() == 0 {
+                    t.ids.reserve(committed.saturating_sub(meta.first_seq) as usize);
+                }
+                let slots: Vec<usize> = parsed
+                    .licenses
+                    .into_iter()
+                    .map(|l| {
+                        let next = lists.len();
+                        *slot_of.entry(l).or_insert_with(|| {
+                            lists.push(Vec::new());
+                            next
+                        })
+                    })
+                    .collect();
+                for (i, (hash, ord, time)) in parsed.lines.into_iter().enumerate() {
+                    t.ids.insert(hash);
+                    if ord != NO_LICENSE {
+                        lists[slots[ord as usize]].push((time, meta.first_seq + i as u64));
                     }
                 }
                 expected = Some(meta.end_seq());
@@ -530,6 +544,10 @@ impl EventLog {
                 len,
             };
         }
+        t.by_license = slot_of
+            .into_iter()
+            .map(|(l, slot)| (l, std::mem::take(&mut lists[slot]).into_iter().collect()))
+            .collect();
         *log.tables.write().expect("tables") = t;
         Ok(log)
     }
@@ -570,25 +588,16 @@ impl EventLog {
             segment: tail.segment,
             len_before,
             metas: Vec::new(),
-            entries: Vec::with_capacity(events.len()),
+            indexes: Vec::new(),
         };
         let mut buf = Vec::new();
         let mut seq = first_seq;
         for chunk in events.chunks(MAX_BLOCK_EVENTS) {
             let offset = tail.len + buf.len() as u64;
-            let meta = self.encode_block(&mut buf, seq, stored_at, chunk, tail.segment, offset)?;
-            for (i, (e, hash)) in chunk.iter().enumerate() {
-                out.entries.push((
-                    seq + i as u64,
-                    IndexEntry {
-                        hash: *hash,
-                        license: e.license.as_deref().map(Arc::from),
-                        time: e.time,
-                    },
-                ));
-            }
+            let (meta, index) = self.encode_block(&mut buf, seq, stored_at, chunk, tail.segment, offset)?;
             seq += chunk.len() as u64;
             out.metas.push(meta);
+            out.indexes.push(index);
         }
         let file = tail.file.as_ref().expect("open segment");
         let written = file.write_all_at(&buf, len_before).and_then(|()| file.sync_data());
@@ -608,8 +617,12 @@ impl EventLog {
         events: &[(&Event, u128)],
         segment: u64,
         offset: u64,
-    ) -> std::io::Result<BlockMeta> {
+    ) -> std::io::Result<(BlockMeta, ParsedIndex)> {
         let mut licenses: HashMap<&str, u32> = HashMap::new();
+        let mut parsed = ParsedIndex {
+            licenses: Vec::new(),
+            lines: Vec::with_capacity(events.len()),
+        };
         let mut names: Vec<u8> = Vec::new();
         let mut lines = Vec::with_capacity(28 * events.len());
         let mut raw = Vec::with_capacity(160 * events.len());
@@ -622,6 +635,7 @@ impl EventLog {
                     *licenses.entry(l).or_insert_with(|| {
                         names.extend_from_slice(&(l.len() as u16).to_be_bytes());
                         names.extend_from_slice(l.as_bytes());
+                        parsed.licenses.push(Arc::from(l));
                         next
                     })
                 }
@@ -629,6 +643,7 @@ impl EventLog {
             lines.extend_from_slice(&hash.to_be_bytes());
             lines.extend_from_slice(&ord.to_be_bytes());
             lines.extend_from_slice(&e.time.to_be_bytes());
+            parsed.lines.push((*hash, ord, e.time));
             min_time = min_time.min(e.time);
             max_time = max_time.max(e.time);
             let at = raw.len();
@@ -675,17 +690,27 @@ impl EventLog {
         buf.extend_from_slice(&h);
         buf.extend_from_slice(&index);
         buf.extend_from_slice(&data);
-        Ok(meta)
+        Ok((meta, parsed))
     }
 
     /// Makes appended blocks visible: their ids to dedup, their events to lookups.
     pub fn publish(&self, a: Appended) {
         let mut t = self.tables.write().expect("tables");
-        for (seq, e) in a.entries {
-            t.ids.insert(e.hash);
-            if let Some(l) = e.license {
-                let key = t.by_license.get_key_value(&l).map(|(k, _)| Arc::clone(k)).unwrap_or(l);
-                t.by_license.entry(key).or_default().insert((e.time, seq));
+        for (meta, index) in a.metas.iter().zip(a.indexes) {
+            // One license lookup per license and block, not per event.
+            let mut sets: Vec<BTreeSet<(i64, u64)>> = index
+                .licenses
+                .iter()
+                .map(|l| t.by_license.remove(l).unwrap_or_default())
+                .collect();
+            for (i, (hash, ord, time)) in index.lines.into_iter().enumerate() {
+                t.ids.insert(hash);
+                if ord != NO_LICENSE {
+                    sets[ord as usize].insert((time, meta.first_seq + i as u64));
+                }
+            }
+            for (l, set) in index.licenses.into_iter().zip(sets) {
+                t.by_license.insert(l, set);
             }
         }
         t.blocks.extend(a.metas);
@@ -859,10 +884,10 @@ impl EventLog {
                 let b = &blocks[next_block];
                 next_block += 1;
                 match self.index_of(b) {
-                    Ok(entries) => {
-                        for (i, e) in entries.iter().enumerate() {
-                            let key = (e.time, b.first_seq + i as u64);
-                            if e.time >= lo && key < hi {
+                    Ok(index) => {
+                        for (i, &(_, _, time)) in index.lines.iter().enumerate() {
+                            let key = (time, b.first_seq + i as u64);
+                            if time >= lo && key < hi {
                                 heap.push(key);
                             }
                         }
@@ -881,7 +906,7 @@ impl EventLog {
         out
     }
 
-    fn index_of(&self, meta: &BlockMeta) -> Result<Vec<IndexEntry>, String> {
+    fn index_of(&self, meta: &BlockMeta) -> Result<ParsedIndex, String> {
         let path = self.dir.join(segment_name(meta.segment));
         let what = |m: String| format!("event block at {}:{}: {m}", path.display(), meta.offset);
         let file = File::open(&path).map_err(|e| what(e.to_string()))?;
@@ -905,10 +930,10 @@ impl EventLog {
                     _ => break,
                 }
             };
-            let entries = self.index_of(&meta)?;
+            let index = self.index_of(&meta)?;
             let mut t = self.tables.write().expect("tables");
-            for e in &entries {
-                if t.ids.remove(&e.hash) {
+            for (hash, _, _) in &index.lines {
+                if t.ids.remove(hash) {
                     p.ids += 1;
                 }
             }
