@@ -250,6 +250,8 @@ async fn ingest(dir: &std::path::Path, options: &StoreOptions, events: u64, days
     while let Some(r) = inflight.join_next().await {
         stored += r.unwrap().unwrap().stored as u64;
     }
+    // The analytics apply just behind the writer: the rate counts them done.
+    store.wait_applied(Duration::from_secs(600));
     producer.join().unwrap();
     let secs = began.elapsed().as_secs_f64();
     let (lic, cells) = store.analytics_size();

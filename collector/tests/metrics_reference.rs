@@ -217,6 +217,11 @@ impl Questions {
 }
 
 fn compare(store: &Store, events: &[Event], questions: &Questions) -> usize {
+    // The analytics apply committed groups on their own thread, just behind the writer.
+    assert!(
+        store.wait_applied(std::time::Duration::from_secs(60)),
+        "analytics caught up"
+    );
     let catalog = catalog();
     let mut checked = 0;
     for (from, to, at) in questions.all() {

@@ -809,26 +809,25 @@ impl EventLog {
         if after == i64::MAX {
             return None;
         }
-        // Walked 64 entries at a time, without holding the lock while blocks are read.
+        // Walked a few entries at a time (the first one usually carries the field), without
+        // holding the lock while blocks are read.
         let mut from = (after + 1, 0u64);
+        let mut take = 4;
         loop {
-            let chunk: Vec<(i64, u64, BlockMeta)> = {
+            let chunk: Vec<(i64, u64)> = {
                 let t = self.tables.read().expect("tables");
-                let set = t.by_license.get(license)?;
-                set.range(from..)
-                    .take(64)
-                    .filter_map(|&(time, seq)| Some((time, seq, Self::block_of(&t, seq)?.clone())))
-                    .collect()
+                t.by_license.get(license)?.range(from..).take(take).copied().collect()
             };
-            let &(time, seq, _) = chunk.last()?;
-            for (_, s, meta) in &chunk {
-                if *s < before {
-                    if let Some(e) = self.read(meta, *s).filter(|e| carries(e)) {
-                        return Some((*s, e));
+            let &(time, seq) = chunk.last()?;
+            for &(_, s) in &chunk {
+                if s < before {
+                    if let Some(e) = self.event(s).filter(|e| carries(e)) {
+                        return Some((s, e));
                     }
                 }
             }
             from = (time, seq + 1);
+            take = (take * 2).min(256);
         }
     }
 

@@ -34,8 +34,11 @@
 //!
 //! * A group commit first appends its blocks to the event log and `fdatasync`s them, then
 //!   writes the batch keys, counters and `m.next_store_seq` in one atomic `apply_batch`; the
-//!   group is then visible (dedup, lookups), the analytics apply it, and sled is flushed and
-//!   its log `fdatasync`ed. Batches are answered 200 only after that.
+//!   group is then visible (dedup, lookups), and sled is flushed and its log `fdatasync`ed.
+//!   Batches are answered 200 only after that. The writer then hands the group to the
+//!   analytics thread and goes on with the next one (at most 4 groups queue up; then the
+//!   writer waits). The counters of `/v1/stats` move when the analytics have applied a group,
+//!   so a stat that shows an event stored means every metric counts it.
 //! * A batch whose (agent, sequence) was stored before *with the same frame checksum* is a
 //!   retry: acknowledged, its events counted as received and as duplicates, nothing stored.
 //!   The same key with a different checksum means an agent lost its database and reused a
@@ -43,9 +46,9 @@
 //! * An event whose id hash is in the dedup set (stored inside `retention.dedup_window`, or
 //!   earlier in the same group) is a duplicate: counted, not stored. The hash is SipHash-1-3,
 //!   128 bits, under the store's random key: ids cannot be chosen to collide.
-//! * Analytics are applied for exactly the events stored (never a duplicate). The writer
-//!   snapshots them every `snapshot_every` stored events (or 10 minutes) right after a flush,
-//!   so a snapshot never covers an event that is not durable; a background thread compresses
+//! * Analytics are applied for exactly the events stored (never a duplicate), in store order.
+//!   The analytics thread snapshots them every `snapshot_every` stored events (or 10 minutes) after applying a group
+//!   the writer had flushed, so a snapshot never covers an event that is not durable; a background thread compresses
 //!   it and writes it beside sled (temporary file, fsync, rename, fsync of the directory). On
 //!   open: the snapshot, then every event stored after it, read back from the event log.
 //!   Without a usable snapshot (damaged, from the future of this store, a store of an earlier
@@ -96,6 +99,8 @@ use std::io::{Read, Write};
 const RECORD_VERSION: u8 = 1;
 const MAX_GROUP_EVENTS: usize = 500_000;
 const WRITER_QUEUE: usize = 256;
+/// Committed groups waiting for the analytics thread; beyond this the writer waits.
+const APPLY_QUEUE: usize = 4;
 /// The analytics snapshot, in the data directory beside sled's `store/`.
 const SNAPSHOT_FILE: &str = "analytics.snap";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"KTASNAP1";
@@ -220,7 +225,7 @@ fn be_u64(b: &[u8]) -> u64 {
 }
 
 /// In-memory mirror of the persisted counters and agent stats.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Totals {
     counters: [u64; 5],
     agents: BTreeMap<String, (UnixNanos, u64)>,
@@ -231,7 +236,11 @@ pub struct Store {
     db: sled::Db,
     log: EventLog,
     log_file: Option<std::fs::File>,
+    /// The counters as the writer has committed them (what the next group adds to).
     totals: Mutex<Totals>,
+    /// The counters of `/v1/stats`: moved forward only once the analytics have applied the
+    /// group, so stats that show an event stored mean the metrics count it.
+    visible: Mutex<Totals>,
     next_store_seq: AtomicU64,
     writable: AtomicBool,
     dedup_window: Duration,
@@ -584,6 +593,7 @@ impl Store {
             db,
             log,
             log_file,
+            visible: Mutex::new(totals.clone()),
             totals: Mutex::new(totals),
             next_store_seq: AtomicU64::new(next),
             writable: AtomicBool::new(true),
@@ -645,12 +655,12 @@ impl Store {
 
     /// `(name, value)` for every counter of `/v1/stats`.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
-        let t = self.totals.lock().expect("totals");
+        let t = self.visible.lock().expect("totals");
         COUNTERS.iter().copied().zip(t.counters.iter().copied()).collect()
     }
 
     pub fn agents(&self) -> Vec<AgentStat> {
-        let t = self.totals.lock().expect("totals");
+        let t = self.visible.lock().expect("totals");
         t.agents
             .iter()
             .map(|(a, (seen, events))| AgentStat {
@@ -665,11 +675,17 @@ impl Store {
     pub fn start_writer(self: &Arc<Self>) -> StoreWriter {
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let (snap_tx, snap_rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(1);
+        let (apply_tx, apply_rx) = std::sync::mpsc::sync_channel::<Committed>(APPLY_QUEUE);
         let store = Arc::clone(self);
         std::thread::Builder::new()
             .name("keytrail-store-writer".into())
-            .spawn(move || store.writer_loop(rx, snap_tx))
+            .spawn(move || store.writer_loop(rx, apply_tx))
             .expect("spawning the store writer");
+        let store = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("keytrail-analytics".into())
+            .spawn(move || store.analytics_loop(apply_rx, snap_tx))
+            .expect("spawning the analytics thread");
         let store = Arc::clone(self);
         std::thread::Builder::new()
             .name("keytrail-snapshot".into())
@@ -685,7 +701,7 @@ impl Store {
         StoreWriter { tx }
     }
 
-    fn writer_loop(&self, mut rx: mpsc::Receiver<Job>, snapshots: std::sync::mpsc::SyncSender<(u64, Vec<u8>)>) {
+    fn writer_loop(&self, mut rx: mpsc::Receiver<Job>, to_analytics: std::sync::mpsc::SyncSender<Committed>) {
         let mut group = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             let mut events = first.batch.events.len();
@@ -701,12 +717,18 @@ impl Store {
             }
             let jobs: Vec<Job> = std::mem::take(&mut group);
             match self.commit(&jobs) {
-                Ok(outcomes) => {
+                Ok((outcomes, mut committed)) => {
                     self.writable.store(true, Ordering::Relaxed);
+                    committed.batches.reserve(jobs.len());
                     for (job, outcome) in jobs.into_iter().zip(outcomes) {
                         let _ = job.reply.send(Ok(outcome));
+                        committed.batches.push(job.batch);
                     }
-                    self.maybe_snapshot(&snapshots);
+                    // Blocks while the analytics are APPLY_QUEUE groups behind: backpressure.
+                    if to_analytics.send(committed).is_err() {
+                        tracing::error!("the analytics thread is gone; stopping the writer");
+                        return;
+                    }
                 }
                 Err(e) => {
                     self.writable.store(false, Ordering::Relaxed);
@@ -719,9 +741,54 @@ impl Store {
         }
     }
 
-    /// Called by the writer right after a successful flush, so the state it serializes is
-    /// durable: takes a snapshot when enough events (or time) have gone by, and hands it to the
-    /// snapshot thread. The writer pauses only for the serialization, not the disk.
+    /// Applies committed (durable) groups to the analytics, in commit order, beside the
+    /// writer: the writer goes on with the next group meanwhile.
+    fn analytics_loop(
+        &self,
+        rx: std::sync::mpsc::Receiver<Committed>,
+        snapshots: std::sync::mpsc::SyncSender<(u64, Vec<u8>)>,
+    ) {
+        for c in rx {
+            {
+                let mut a = self.analytics.write().expect("analytics lock");
+                for (k, &(b, i)) in c.stored.iter().enumerate() {
+                    let seq = c.first + k as u64;
+                    a.apply(
+                        &c.batches[b as usize].events[i as usize],
+                        seq,
+                        &StoredHistory {
+                            log: &self.log,
+                            before: seq,
+                        },
+                    );
+                }
+                a.set_applied_through(c.first + c.stored.len() as u64);
+            }
+            self.snapshots.since.fetch_add(c.stored.len() as u64, Ordering::Relaxed);
+            *self.visible.lock().expect("totals") = c.totals;
+            self.maybe_snapshot(&snapshots);
+        }
+    }
+
+    /// Waits until the analytics have applied everything committed so far (at most `within`);
+    /// returns whether they have.
+    pub fn wait_applied(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            let committed = self.next_store_seq.load(Ordering::Relaxed);
+            if self.analytics.read().expect("analytics lock").applied_through() >= committed {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Called by the analytics thread after applying a group, which the writer had flushed
+    /// before handing it over, so the state it serializes is durable: takes a snapshot when enough events (or time) have gone by, and hands it to the
+    /// snapshot thread. The analytics thread pauses only for the serialization, not the disk.
     fn maybe_snapshot(&self, to: &std::sync::mpsc::SyncSender<(u64, Vec<u8>)>) {
         let sn = &self.snapshots;
         let since = sn.since.load(Ordering::Relaxed);
@@ -795,7 +862,7 @@ impl Store {
 
     /// Dedups and stores a group of batches: its events as blocks of the event log (synced),
     /// then dedup keys, counters and the commit point in one atomic sled batch and one flush.
-    fn commit(&self, jobs: &[Job]) -> Result<Vec<IngestOutcome>, StoreError> {
+    fn commit(&self, jobs: &[Job]) -> Result<(Vec<IngestOutcome>, Committed), StoreError> {
         let now = now_ns();
         let mut w = sled::Batch::default();
         let mut seen_ids: HashSet<u128, BuildHasherDefault<IdHasher>> = HashSet::default();
@@ -805,7 +872,8 @@ impl Store {
         let mut agent_delta: BTreeMap<&str, u64> = BTreeMap::new();
         let first = self.next_store_seq.load(Ordering::Relaxed);
         let mut stored: Vec<(&Event, u128)> = Vec::new();
-        for job in jobs {
+        let mut positions: Vec<(u32, u32)> = Vec::new();
+        for (j, job) in jobs.iter().enumerate() {
             let b = &job.batch;
             let n = b.events.len() as u64;
             delta[0] += n;
@@ -836,6 +904,7 @@ impl Store {
             let plan = dedup::plan(&hashes, |h| self.log.seen(*h), &mut seen_ids);
             for &i in &plan.new {
                 stored.push((&b.events[i], hashes[i]));
+                positions.push((j as u32, i as u32));
             }
             let mut bv = Vec::with_capacity(16);
             bv.extend_from_slice(&now.to_be_bytes());
@@ -897,41 +966,32 @@ impl Store {
         if let Some(a) = appended {
             self.log.publish(a);
         }
-        {
-            // The group is published now (the successor lookups of late events read it; they
-            // only see events stored before the one being applied).
-            let mut a = self.analytics.write().expect("analytics lock");
-            for (i, (e, _)) in stored.iter().enumerate() {
-                let seq = first + i as u64;
-                a.apply(
-                    e,
-                    seq,
-                    &StoredHistory {
-                        log: &self.log,
-                        before: seq,
-                    },
-                );
-            }
-            a.set_applied_through(next);
-        }
-        self.snapshots.since.fetch_add(stored.len() as u64, Ordering::Relaxed);
         // sled holds the group in memory now: advance the in-memory mirror before flushing, so
         // a failed flush cannot make the next group reuse store sequences or write counters
         // that go backwards. The agents only get their 200 after the flush.
         self.next_store_seq.store(next, Ordering::Relaxed);
-        {
+        let totals = {
             let mut t = self.totals.lock().expect("totals");
             t.counters = counters;
             for (a, events) in agents {
                 t.agents.insert(a, (now, events));
             }
-        }
+            t.clone()
+        };
         self.db.flush()?;
         if let Some(f) = &self.log_file {
             f.sync_data()
                 .map_err(|e| StoreError::Write(format!("syncing the store: {e}")))?;
         }
-        Ok(outcomes)
+        Ok((
+            outcomes,
+            Committed {
+                first,
+                stored: positions,
+                batches: Vec::new(),
+                totals,
+            },
+        ))
     }
 
     /// `GET /v1/events`: newest first, filtered, paginated.
@@ -987,6 +1047,9 @@ impl Store {
 
     /// Final flush, and a snapshot so the next open needs no replay.
     pub fn close(&self) {
+        if !self.wait_applied(Duration::from_secs(60)) {
+            tracing::warn!("the analytics had not caught up after 60 s; the next start replays the rest");
+        }
         if let Err(e) = self.snapshot_now() {
             tracing::error!(error = %e, "final store flush or analytics snapshot failed");
         }
@@ -1005,6 +1068,17 @@ impl analytics::History for StoredHistory<'_> {
     fn next_after(&self, license: &str, after: UnixNanos, carries: &dyn Fn(&Event) -> bool) -> Option<(u64, Event)> {
         self.log.next_after(license, after, self.before, carries)
     }
+}
+
+/// A committed, durable group on its way to the analytics thread.
+struct Committed {
+    /// The store sequence of the first stored event.
+    first: u64,
+    /// (batch, event) positions of the stored events, in store-sequence order.
+    stored: Vec<(u32, u32)>,
+    batches: Vec<IncomingBatch>,
+    /// The counters after this group.
+    totals: Totals,
 }
 
 struct Job {

@@ -441,37 +441,22 @@ impl IngestDefaults for BenchDefaults {
     }
 }
 
-/// Sealed frames of `per_frame` realistic events for `agent`, sequences from `first_seq`.
-fn frames(
-    agent: &str,
-    seed: u64,
-    n: usize,
-    per_frame: usize,
-    first_seq: u64,
-    fp: &Fingerprinter,
-) -> (Vec<Vec<u8>>, u64) {
-    let mut t = Traffic::new(seed, 5000);
+/// A sealed frame of `n` realistic events from `t` for `agent`; returns it with its raw
+/// (uncompressed) payload size.
+fn frame(t: &mut Traffic, agent: &str, seq: u64, n: usize, fp: &Fingerprinter) -> (Vec<u8>, u64) {
     let d = BenchDefaults(Context::default(), agent.to_string());
-    let mut out = Vec::with_capacity(n);
-    let mut raw = 0u64;
-    for i in 0..n {
-        let body: String = (0..per_frame).map(|_| t.event() + "\n").collect();
-        let events = event::parse_body(body.as_bytes(), BodyFormat::Ndjson, fp, &d, per_frame)
-            .unwrap_or_else(|e| die(&e.to_string()));
-        let mut payload = Vec::new();
-        for e in &events {
-            wire::append_event(e, &mut payload);
-        }
-        raw += payload.len() as u64;
-        out.push(wire::seal_frame(
-            agent,
-            BatchSeq(first_seq + i as u64),
-            events.len() as u32,
-            &payload,
-            3,
-        ));
+    let body: String = (0..n).map(|_| t.event() + "\n").collect();
+    let events =
+        event::parse_body(body.as_bytes(), BodyFormat::Ndjson, fp, &d, n).unwrap_or_else(|e| die(&e.to_string()));
+    let mut payload = Vec::new();
+    for e in &events {
+        wire::append_event(e, &mut payload);
     }
-    (out, raw)
+    let raw = payload.len() as u64;
+    (
+        wire::seal_frame(agent, BatchSeq(seq), events.len() as u32, &payload, 3),
+        raw,
+    )
 }
 
 fn tls_stream(pki: &Path, agent: &str, port: u16) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
@@ -525,20 +510,19 @@ fn collector_ingest(o: &Opts) -> (Value, String) {
         "keytrail-bench: sealing {} frames of {per_frame} events …",
         4 * frames_per_conn
     );
-    // Two agents × two connections, each connection with its own sequence range.
-    let mut sets = Vec::new();
+    // Two agents × two connections, each connection with its own sequence range. Frames are
+    // made round-robin, so event times interleave across connections as they do across agents
+    // running side by side.
+    let conns = ["agent-a", "agent-a", "agent-b", "agent-b"];
+    let mut sets: Vec<(String, Vec<Vec<u8>>)> = conns.iter().map(|a| (a.to_string(), Vec::new())).collect();
+    let mut traffic: Vec<Traffic> = (0..conns.len()).map(|c| Traffic::new(77 + c as u64, 5000)).collect();
     let mut raw = 0;
-    for (c, agent) in ["agent-a", "agent-a", "agent-b", "agent-b"].iter().enumerate() {
-        let (f, r) = frames(
-            agent,
-            77 + c as u64,
-            frames_per_conn,
-            per_frame,
-            c as u64 * 1_000_000,
-            &fp,
-        );
-        raw += r;
-        sets.push((agent.to_string(), f));
+    for k in 0..frames_per_conn {
+        for (c, agent) in conns.iter().enumerate() {
+            let (f, r) = frame(&mut traffic[c], agent, c as u64 * 1_000_000 + k as u64, per_frame, &fp);
+            raw += r;
+            sets[c].1.push(f);
+        }
     }
     let wire_bytes: u64 = sets.iter().flat_map(|(_, f)| f.iter()).map(|f| f.len() as u64).sum();
     let events = (4 * frames_per_conn * per_frame) as u64;
@@ -569,10 +553,15 @@ fn collector_ingest(o: &Opts) -> (Value, String) {
         for h in handles {
             h.join().unwrap_or_else(|_| die("a sender panicked"));
         }
+        // Stored means counted by the analytics too (stats move after they applied a group).
+        let mut stored = collector.stored();
+        while stored < events && t0.elapsed() < Duration::from_secs(600) {
+            std::thread::sleep(Duration::from_millis(2));
+            stored = collector.stored();
+        }
         let secs = t0.elapsed().as_secs_f64();
         let cpu = cpu_secs(pid) - cpu0;
         let peak = sampler.peak_mib();
-        let stored = collector.stored();
         if stored != events {
             die(&format!("collector stored {stored} of {events} events"));
         }
@@ -684,8 +673,11 @@ fn footprint(o: &Opts) -> (Value, String) {
     let restarted = rss_mib(pid_of(&agent.proc));
     // Wire bytes per event: a batch of 5,000 generated events as the agent seals it.
     let fp = Fingerprinter::from_file(&sb.secret).unwrap_or_else(|e| die(&e));
-    let (f, _) = frames("agent-a", 5, 4, 5000, 1, &fp);
-    let wire = f.iter().map(|x| x.len()).sum::<usize>() as f64 / 20_000.0;
+    let mut t = Traffic::new(5, 5000);
+    let wire = (0..4)
+        .map(|k| frame(&mut t, "agent-a", k, 5000, &fp).0.len())
+        .sum::<usize>() as f64
+        / 20_000.0;
     let size = |n: &str| std::fs::metadata(bin(n)).map_or(0, |m| m.len());
     let (agent_bin, collector_bin) = (size("keytrail-agent"), size("keytrail-collector"));
     let md = format!(
