@@ -115,6 +115,14 @@ const SEALED_DIR: &str = "sealed";
 const MAX_CHUNK_BYTES: usize = 4 << 20;
 /// Most appends waiting for the writer; beyond this, callers wait for a slot (backpressure).
 const WRITER_QUEUE: usize = 1024;
+/// Unsealed records beyond which the writer waits for the sealer before taking more appends.
+/// sled keeps the pages of large values in memory, so pending chunks cost RAM until sealed:
+/// when ingest outruns sealing (the CPU is shared with everything else on the host), this
+/// bound keeps the agent's memory flat and turns the excess into slower acknowledgements.
+const PENDING_HIGH_WATER: u64 = 4 << 20;
+/// The longest the writer waits for the sealer per group (a sealer that cannot seal must not
+/// stop ingest; the disk cap still applies).
+const PENDING_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Limits and policies the buffer enforces.
 #[derive(Clone, Debug)]
@@ -217,6 +225,8 @@ pub struct Buffer {
     /// Woken when a sealed batch becomes sendable (the shipper waits on it).
     pub sealed_ready: Notify,
     writable: AtomicBool,
+    /// Set while a sealer runs ([`Buffer::sealer_running`]): only then is waiting for it useful.
+    sealer_active: AtomicBool,
 }
 
 fn key(prefix: u8, n: u64) -> [u8; 9] {
@@ -459,6 +469,7 @@ impl Buffer {
             pending_grew: Notify::new(),
             sealed_ready: Notify::new(),
             writable: AtomicBool::new(true),
+            sealer_active: AtomicBool::new(false),
         };
         buffer.recover()?;
         Ok(Arc::new(buffer))
@@ -638,9 +649,27 @@ impl Buffer {
                     Err(_) => break,
                 }
             }
+            self.wait_for_sealer();
             self.commit_group(&mut group);
         }
         tracing::debug!("buffer writer stopped");
+    }
+
+    /// Backpressure: while more than [`PENDING_HIGH_WATER`] bytes wait to be sealed and a sealer
+    /// runs, wait for it (at most [`PENDING_WAIT`]).
+    fn wait_for_sealer(&self) {
+        let started = std::time::Instant::now();
+        while self.sealer_active.load(Ordering::Relaxed)
+            && self.state.lock().expect("buffer state").counts.pending_bytes > PENDING_HIGH_WATER
+            && started.elapsed() < PENDING_WAIT
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Marks whether a sealer is running (the writer only waits for a running one).
+    pub fn sealer_running(&self, running: bool) {
+        self.sealer_active.store(running, Ordering::Relaxed);
     }
 
     /// Writes every accepted append of `group` as chunks, flushes once, answers everyone.

@@ -366,8 +366,10 @@ pub fn backoff(attempt: u32, cap: Duration, retry_after: Option<Duration>) -> Du
 /// Seals pending events when a batch is full or `batch_timeout` has passed.
 pub async fn run_sealer(buffer: Arc<Buffer>, timeout: Duration, shutdown: tokio::sync::watch::Receiver<bool>) {
     let tick = (timeout / 4).max(Duration::from_millis(5));
+    buffer.sealer_running(true);
     loop {
         if *shutdown.borrow() {
+            buffer.sealer_running(false);
             return;
         }
         if buffer.seal_due(timeout) {

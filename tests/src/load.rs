@@ -22,8 +22,18 @@ pub struct LoadResult {
 }
 
 /// Drives `agent` (host:port) with `conns` connections posting `batch` events per request for
-/// `seconds`. `run` keeps event ids unique across runs against the same collector.
-pub fn drive_agent(agent: &str, conns: usize, batch: usize, seconds: f64, run: u32) -> Result<LoadResult, String> {
+/// `seconds`, as fast as acknowledged or, with `rate`, paced to that many events/s in all.
+/// `run` keeps event ids unique across runs against the same collector.
+pub fn drive_agent(
+    agent: &str,
+    conns: usize,
+    batch: usize,
+    seconds: f64,
+    run: u32,
+    rate: Option<f64>,
+) -> Result<LoadResult, String> {
+    // Per connection: one request every `interval`, on a fixed schedule.
+    let interval = rate.map(|r| Duration::from_secs_f64(batch as f64 * conns as f64 / r.max(1.0)));
     // Bodies are prepared up front so the generator spends its CPU on sending, not formatting.
     // Every event id carries a fixed-width request counter that is patched in place before
     // each send, so every event ever sent is unique (the collector would otherwise count
@@ -48,7 +58,15 @@ pub fn drive_agent(agent: &str, conns: usize, batch: usize, seconds: f64, run: u
                 let mut lat = Vec::new();
                 let mut events = 0u64;
                 let mut i = 0;
+                let mut next = Instant::now();
                 while Instant::now() < deadline {
+                    if let Some(iv) = interval {
+                        let now = Instant::now();
+                        if next > now {
+                            std::thread::sleep(next - now);
+                        }
+                        next += iv;
+                    }
                     let n = bodies.len();
                     let (body, slots) = &mut bodies[i % n];
                     let stamp = format!("{:010}", i / n);

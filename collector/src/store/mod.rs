@@ -47,10 +47,11 @@
 //!   earlier in the same group) is a duplicate: counted, not stored. The hash is SipHash-1-3,
 //!   128 bits, under the store's random key: ids cannot be chosen to collide.
 //! * Analytics are applied for exactly the events stored (never a duplicate), in store order.
-//!   The analytics thread snapshots them every `snapshot_every` stored events (or 10 minutes) after applying a group
-//!   the writer had flushed, so a snapshot never covers an event that is not durable; a background thread compresses
-//!   it and writes it beside sled (temporary file, fsync, rename, fsync of the directory). On
-//!   open: the snapshot, then every event stored after it, read back from the event log.
+//!   The analytics thread snapshots them every `snapshot_every` stored events (or 10
+//!   minutes) after applying a group the writer had flushed, so a snapshot never covers an
+//!   event that is not durable; a background thread compresses it and writes it beside sled
+//!   (temporary file, fsync, rename, fsync of the directory). On open: the snapshot, then
+//!   every event stored after it, read back from the event log.
 //!   Without a usable snapshot (damaged, from the future of this store, a store of an earlier
 //!   format) the analytics are rebuilt from the raw events — which no longer include what
 //!   retention deleted — and snapshotted at once.

@@ -155,6 +155,7 @@ fn nginx(dir: &Path, upstream: SocketAddr) -> Option<(Child, SocketAddr)> {
         .arg(&prefix)
         .arg("-c")
         .arg(&conf)
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
@@ -247,7 +248,13 @@ fn main() {
         status["proxy"]["unrecorded_by_reason"]
     );
     if let Some((mut child, _)) = ng {
-        let _ = child.kill();
+        // SIGTERM, not SIGKILL: the master stops its worker too (a killed master leaves the
+        // worker running).
+        // SAFETY: sending a signal to our own child process id.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
         let _ = child.wait();
     }
 }
