@@ -199,6 +199,27 @@ fn activation_of(e: &Event, r: usize, value: &str) -> Option<bool> {
     (v == value).then_some(on)
 }
 
+/// (latest change time, values active after it) over a resource's activation timelines.
+fn active_summary(timelines: &BTreeMap<String, Timeline<bool>>) -> (i64, u32) {
+    let mut last = i64::MIN;
+    let mut active = 0;
+    for tl in timelines.values() {
+        if let Some((t, on)) = tl.last_point() {
+            last = last.max(t);
+            active += u32::from(*on);
+        }
+    }
+    (last, active)
+}
+
+/// How many values of a resource are active as of `at`.
+pub(crate) fn active_at(timelines: &BTreeMap<String, Timeline<bool>>, summary: Option<(i64, u32)>, at: i64) -> u64 {
+    match summary {
+        Some((last, n)) if last <= at => n as u64,
+        _ => timelines.values().filter(|tl| tl.at(at) == Some(&true)).count() as u64,
+    }
+}
+
 fn support_of(e: &Event) -> Option<bool> {
     match e.event_type {
         EventType::SupportTicketOpened => Some(true),
@@ -283,6 +304,10 @@ pub struct Analytics {
     /// license's dimensions rarely change, so this spares building and hashing a variant per
     /// event (not in snapshots).
     last_variant: Vec<u32>,
+    /// Per license id and resource (users, domains, machines): the time of the latest change of
+    /// any of its activation timelines, and how many are active after it — so "how many are in
+    /// use" as of any later time needs no walk over them (not in snapshots).
+    active_now: Vec<[(i64, u32); 3]>,
     variants: Vec<Variant>,
     variant_ids: HashMap<Variant, u32>,
     /// User names by id (cells hold ids: compact, and distinct counts need no string compares).
@@ -337,6 +362,7 @@ impl Analytics {
         self.by_name.insert(name.to_string(), id);
         self.name_ids.insert(name.to_string(), id);
         self.last_variant.push(u32::MAX);
+        self.active_now.push([(i64::MIN, 0); 3]);
         id
     }
 
@@ -439,6 +465,7 @@ impl Analytics {
                     if let Some(v) = v {
                         let tl = l.activations[r].entry(v.clone()).or_default();
                         outcomes.push(record(tl, e, seq, on, history, |x| activation_of(x, r, v)));
+                        self.active_now[id as usize][r] = active_summary(&l.activations[r]);
                     }
                 }
             }
@@ -614,6 +641,11 @@ impl Analytics {
             }
         }
         a.last_variant = vec![u32::MAX; s.licenses.len()];
+        a.active_now = s
+            .licenses
+            .iter()
+            .map(|l| [0, 1, 2].map(|r| active_summary(&l.activations[r])))
+            .collect();
         a.licenses = s.licenses;
         a.cells = s.cells;
         a.variants = s.variants;

@@ -321,7 +321,10 @@ impl Analytics {
         });
         let used = match l.usage[2 * r].at(at) {
             Some(u) => *u,
-            None => l.activations[r].values().filter(|tl| tl.at(at) == Some(&true)).count() as u64,
+            None => {
+                let summary = self.name_ids.get(&l.name).map(|&id| self.active_now[id as usize][r]);
+                super::active_at(&l.activations[r], summary, at)
+            }
         };
         ResourceUse {
             used,
@@ -334,10 +337,20 @@ impl Analytics {
     pub fn utilization(&self, l: &License, at: i64) -> Option<f64> {
         (0..3)
             .filter_map(|r| {
+                // The limit first: without one, the (costlier) use is not needed.
+                self.limit_of(l, r, at).filter(|&x| x > 0)?;
                 let u = self.resource(l, r, at);
                 u.limit.filter(|&x| x > 0).map(|lim| u.used as f64 / lim as f64)
             })
             .reduce(f64::max)
+    }
+
+    fn limit_of(&self, l: &License, r: usize, at: i64) -> Option<u64> {
+        l.usage[2 * r + 1].at(at).copied().or_else(|| {
+            let plan = l.dims[Dim::Plan as usize].at(at)?;
+            let p = self.catalog.get(plan)?;
+            [p.seats, p.domains, p.machines][r]
+        })
     }
 
     fn cells_between(

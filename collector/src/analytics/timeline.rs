@@ -105,8 +105,19 @@ impl<T: PartialEq> Timeline<T> {
 
     /// The value of the latest point with `time <= t`.
     pub fn at(&self, t: UnixNanos) -> Option<&T> {
+        // Most questions are about now, after the last change: no search.
+        match self.points.last() {
+            Some(p) if p.0 <= t => return Some(&p.2),
+            None => return None,
+            _ => {}
+        }
         let idx = self.points.partition_point(|p| p.0 <= t);
         idx.checked_sub(1).map(|i| &self.points[i].2)
+    }
+
+    /// The latest change point.
+    pub fn last_point(&self) -> Option<(UnixNanos, &T)> {
+        self.points.last().map(|p| (p.0, &p.2))
     }
 
     /// Change points up to t, oldest first.
