@@ -44,6 +44,10 @@
 //!   awaiters (spacejam/sled#1308) cannot happen, and a flush is shared by everyone who
 //!   arrived while the previous one ran (leader-style group commit: no fixed N or T window,
 //!   the batch is whatever queued up during one flush).
+//! * **Backpressure.** sled keeps the pages of large values in memory, so unsealed chunks cost
+//!   RAM until sealed. When more than [`PENDING_HIGH_WATER`] bytes are unsealed and a sealer
+//!   runs, the writer waits for it (at most [`PENDING_WAIT`] per group) before taking more
+//!   appends: ingest that outruns sealing gets slower acknowledgements, not a growing heap.
 //! * **Seal once.** Sealing takes the oldest pending records (up to the batch limits, splitting
 //!   a chunk if needed), compresses them into a frame with sequence `m.next_seq`, writes the
 //!   batch file durably (temporary file, fsync, rename, fsync of the folder), then in one
@@ -1198,6 +1202,52 @@ mod tests {
         ids.dedup();
         assert_eq!(ids.len(), 100, "each event exactly once");
         assert_eq!(b.counts().sealed_batches, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_wait_for_a_running_sealer_past_the_pending_high_water() {
+        let dir = tmp("highwater");
+        let metrics = Arc::new(AgentMetrics::default());
+        let b = Buffer::open(&dir, Some("a"), limits(1 << 30, WhenFull::Reject, 5000), metrics).unwrap();
+        let app = b.start_writer();
+        b.sealer_running(true);
+        let mut next = 0u64;
+        while b.counts().pending_bytes <= PENDING_HIGH_WATER {
+            let (recs, n) = records(next..next + 5000);
+            app.append(recs, n).await.unwrap();
+            next += 5000;
+        }
+        // The sealer is "running" but behind: the next append waits for it.
+        let done = Arc::new(AtomicBool::new(false));
+        let waiting = {
+            let (app, done) = (app.clone(), Arc::clone(&done));
+            let (recs, n) = records(next..next + 10);
+            tokio::spawn(async move {
+                app.append(recs, n).await.unwrap();
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!done.load(Ordering::SeqCst), "acknowledged while the sealer was behind");
+        // It catches up: the append goes through, nothing lost.
+        let sealer = Arc::clone(&b);
+        tokio::task::spawn_blocking(move || {
+            while sealer.counts().pending_bytes > PENDING_HIGH_WATER / 2 {
+                sealer.seal_one().unwrap();
+            }
+        })
+        .await
+        .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+            .await
+            .expect("the append completes once the sealer caught up")
+            .unwrap();
+        assert!(done.load(Ordering::SeqCst));
+        let c = b.counts();
+        assert_eq!(c.pending_events + c.sealed_events, next + 10);
+        b.sealer_running(false);
+        shut(b, app);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
