@@ -45,9 +45,10 @@
 //!   arrived while the previous one ran (leader-style group commit: no fixed N or T window,
 //!   the batch is whatever queued up during one flush).
 //! * **Backpressure.** sled keeps the pages of large values in memory, so unsealed chunks cost
-//!   RAM until sealed. When more than `PENDING_HIGH_WATER` (4 MiB) of records are unsealed and a sealer
-//!   runs, the writer waits for it (at most `PENDING_WAIT`, 2 s, per group) before taking more
-//!   appends: ingest that outruns sealing gets slower acknowledgements, not a growing heap.
+//!   RAM until sealed. When more than `PENDING_HIGH_WATER` (4 MiB) of records are unsealed
+//!   and a sealer runs, the writer waits for it (at most `PENDING_WAIT`, 2 s, per group)
+//!   before taking more appends: ingest that outruns sealing gets slower acknowledgements,
+//!   not a growing heap.
 //! * **Seal once.** Sealing takes the oldest pending records (up to the batch limits, splitting
 //!   a chunk if needed), compresses them into a frame with sequence `m.next_seq`, writes the
 //!   batch file durably (temporary file, fsync, rename, fsync of the folder), then in one
