@@ -30,14 +30,23 @@ fn main() {
     let fp = Fingerprinter::new(b"seed-secret".to_vec());
     let mut t = Traffic::new(3, 20);
     let body: String = (0..8).map(|_| t.event() + "\n").collect();
-    let events = parse_body(body.as_bytes(), BodyFormat::Ndjson, &fp, &Defaults(Context::default()), 100)
-        .unwrap_or_else(|e| panic!("seed events: {e}"));
+    let events = parse_body(
+        body.as_bytes(),
+        BodyFormat::Ndjson,
+        &fp,
+        &Defaults(Context::default()),
+        100,
+    )
+    .unwrap_or_else(|e| panic!("seed events: {e}"));
     let mut payload = Vec::new();
     for e in &events {
         wire::append_event(e, &mut payload);
     }
     let frame = wire::seal_frame("seed-agent", BatchSeq(1), events.len() as u32, &payload, 3);
-    for (sub, name, bytes) in [("wire_payload", "valid.bin", &payload), ("wire_frame", "valid.bin", &frame)] {
+    for (sub, name, bytes) in [
+        ("wire_payload", "valid.bin", &payload),
+        ("wire_frame", "valid.bin", &frame),
+    ] {
         let d = dir.join(sub);
         std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
         std::fs::write(d.join(name), bytes).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
