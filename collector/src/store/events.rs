@@ -847,22 +847,31 @@ impl EventLog {
             if (lo, 0) >= hi {
                 return out;
             }
-            let keys: Vec<(i64, u64)> = {
-                let t = self.tables.read().expect("tables");
-                match t.by_license.get(l) {
-                    None => return out,
-                    Some(set) => set.range((lo, 0)..hi).rev().copied().collect(),
-                }
-            };
-            for (time, seq) in keys {
-                if let Some(e) = self.event(seq).filter(|e| keep(e)) {
-                    out.push((time, seq, e));
-                    if out.len() >= limit {
-                        break;
+            // Newest first, a page's worth of keys at a time (a busy license has hundreds of
+            // thousands), without holding the lock while blocks are read.
+            let mut upper = hi;
+            loop {
+                let keys: Vec<(i64, u64)> = {
+                    let t = self.tables.read().expect("tables");
+                    match t.by_license.get(l) {
+                        None => return out,
+                        Some(set) => set.range((lo, 0)..upper).rev().take(limit).copied().collect(),
+                    }
+                };
+                let Some(&last) = keys.last() else { return out };
+                for (time, seq) in keys {
+                    if let Some(e) = self.event(seq).filter(|e| keep(e)) {
+                        out.push((time, seq, e));
+                        if out.len() >= limit {
+                            return out;
+                        }
                     }
                 }
+                if (lo, 0) >= last {
+                    return out;
+                }
+                upper = last;
             }
-            return out;
         }
         // Blocks by newest event first; a block's entries join the heap once its newest event
         // could be next, so only the blocks a page reaches are read.
