@@ -38,7 +38,9 @@
 //!   Batches are answered 200 only after that. The writer then hands the group to the
 //!   analytics thread and goes on with the next one (at most 4 groups queue up; then the
 //!   writer waits). The counters of `/v1/stats` move when the analytics have applied a group,
-//!   so a stat that shows an event stored means every metric counts it.
+//!   so a stat that shows an event stored means every metric counts it. A group whose flush
+//!   fails is answered with an error but still goes to the analytics: it is in sled and
+//!   published, so the agents' resends are counted as duplicates of it.
 //! * A batch whose (agent, sequence) was stored before *with the same frame checksum* is a
 //!   retry: acknowledged, its events counted as received and as duplicates, nothing stored.
 //!   The same key with a different checksum means an agent lost its database and reused a
@@ -717,26 +719,31 @@ impl Store {
                 }
             }
             let jobs: Vec<Job> = std::mem::take(&mut group);
-            match self.commit(&jobs) {
-                Ok((outcomes, mut committed)) => {
-                    self.writable.store(true, Ordering::Relaxed);
-                    committed.batches.reserve(jobs.len());
+            let mut committed = None;
+            let result = self.commit(&jobs, &mut committed);
+            self.writable.store(result.is_ok(), Ordering::Relaxed);
+            let mut batches = Vec::with_capacity(jobs.len());
+            match result {
+                Ok(outcomes) => {
                     for (job, outcome) in jobs.into_iter().zip(outcomes) {
                         let _ = job.reply.send(Ok(outcome));
-                        committed.batches.push(job.batch);
-                    }
-                    // Blocks while the analytics are APPLY_QUEUE groups behind: backpressure.
-                    if to_analytics.send(committed).is_err() {
-                        tracing::error!("the analytics thread is gone; stopping the writer");
-                        return;
+                        batches.push(job.batch);
                     }
                 }
                 Err(e) => {
-                    self.writable.store(false, Ordering::Relaxed);
                     tracing::error!(error = %e, "storing a group of batches failed; agents will retry");
                     for job in jobs {
                         let _ = job.reply.send(Err(StoreError::Write(e.to_string())));
+                        batches.push(job.batch);
                     }
+                }
+            }
+            if let Some(mut c) = committed {
+                c.batches = batches;
+                // Blocks while the analytics are APPLY_QUEUE groups behind: backpressure.
+                if to_analytics.send(c).is_err() {
+                    tracing::error!("the analytics thread is gone; stopping the writer");
+                    return;
                 }
             }
         }
@@ -863,7 +870,9 @@ impl Store {
 
     /// Dedups and stores a group of batches: its events as blocks of the event log (synced),
     /// then dedup keys, counters and the commit point in one atomic sled batch and one flush.
-    fn commit(&self, jobs: &[Job]) -> Result<(Vec<IngestOutcome>, Committed), StoreError> {
+    /// `committed` is set once the group is in sled and published, even if the flush after it
+    /// fails: such a group is stored (and dedups its resends), so the analytics must count it.
+    fn commit(&self, jobs: &[Job], committed: &mut Option<Committed>) -> Result<Vec<IngestOutcome>, StoreError> {
         let now = now_ns();
         let mut w = sled::Batch::default();
         let mut seen_ids: HashSet<u128, BuildHasherDefault<IdHasher>> = HashSet::default();
@@ -979,20 +988,18 @@ impl Store {
             }
             t.clone()
         };
+        *committed = Some(Committed {
+            first,
+            stored: positions,
+            batches: Vec::new(),
+            totals,
+        });
         self.db.flush()?;
         if let Some(f) = &self.log_file {
             f.sync_data()
                 .map_err(|e| StoreError::Write(format!("syncing the store: {e}")))?;
         }
-        Ok((
-            outcomes,
-            Committed {
-                first,
-                stored: positions,
-                batches: Vec::new(),
-                totals,
-            },
-        ))
+        Ok(outcomes)
     }
 
     /// `GET /v1/events`: newest first, filtered, paginated.
