@@ -141,6 +141,33 @@ pub struct Usage {
     pub machines_limit: Option<u64>,
 }
 
+impl Usage {
+    /// `[seats_used, seats_limit, domains_used, domains_limit, machines_used, machines_limit]`:
+    /// the order of every binary encoding of the figures.
+    pub fn to_array(&self) -> [Option<u64>; 6] {
+        [
+            self.seats_used,
+            self.seats_limit,
+            self.domains_used,
+            self.domains_limit,
+            self.machines_used,
+            self.machines_limit,
+        ]
+    }
+
+    /// The inverse of [`Usage::to_array`].
+    pub fn from_array(u: [Option<u64>; 6]) -> Usage {
+        Usage {
+            seats_used: u[0],
+            seats_limit: u[1],
+            domains_used: u[2],
+            domains_limit: u[3],
+            machines_used: u[4],
+            machines_limit: u[5],
+        }
+    }
+}
+
 /// A validated, pseudonymised license event. Never holds a raw license key or machine id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
@@ -352,6 +379,29 @@ pub trait IngestDefaults {
     fn now(&self) -> UnixNanos;
     /// A fresh unique event id for an event that came without one.
     fn new_event_id(&self) -> String;
+}
+
+/// Fixed defaults, for parsing bodies outside an agent (benchmarks, fuzzing, tests): one agent
+/// id, one context, one `now`; an event without an id gets the id `generated`.
+pub struct FixedDefaults {
+    pub agent_id: String,
+    pub context: Context,
+    pub now: UnixNanos,
+}
+
+impl IngestDefaults for FixedDefaults {
+    fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+    fn context(&self) -> &Context {
+        &self.context
+    }
+    fn now(&self) -> UnixNanos {
+        self.now
+    }
+    fn new_event_id(&self) -> String {
+        "generated".into()
+    }
 }
 
 /// `[context]` of the agent config.
@@ -868,29 +918,17 @@ impl RawEvent<'_> {
 mod tests {
     use super::*;
 
-    struct Fixed(Context);
-    impl IngestDefaults for Fixed {
-        fn agent_id(&self) -> &str {
-            "agent-1"
+    fn fixed() -> FixedDefaults {
+        FixedDefaults {
+            agent_id: "agent-1".into(),
+            context: Context {
+                region: Some("eu-west-1".into()),
+                deployment: Some(Deployment::OnPrem),
+                customer: Some("acme".into()),
+                ..Context::default()
+            },
+            now: 1_700_000_000_000_000_000,
         }
-        fn context(&self) -> &Context {
-            &self.0
-        }
-        fn now(&self) -> UnixNanos {
-            1_700_000_000_000_000_000
-        }
-        fn new_event_id(&self) -> String {
-            "generated".into()
-        }
-    }
-
-    fn fixed() -> Fixed {
-        Fixed(Context {
-            region: Some("eu-west-1".into()),
-            deployment: Some(Deployment::OnPrem),
-            customer: Some("acme".into()),
-            ..Context::default()
-        })
     }
 
     fn fp() -> Fingerprinter {

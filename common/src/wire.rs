@@ -320,15 +320,7 @@ impl Encode for EventV1Ref<'_> {
         e.deployment.map(Deployment::tag).encode(enc)?;
         e.result.tag().encode(enc)?;
         e.expires_at.encode(enc)?;
-        let u = &e.usage;
-        for v in [
-            u.seats_used,
-            u.seats_limit,
-            u.domains_used,
-            u.domains_limit,
-            u.machines_used,
-            u.machines_limit,
-        ] {
+        for v in e.usage.to_array() {
             v.encode(enc)?;
         }
         e.attrs.encode(enc)
@@ -392,14 +384,7 @@ impl<C> Decode<C> for EventV1 {
             deployment,
             result,
             expires_at,
-            usage: Usage {
-                seats_used: u[0],
-                seats_limit: u[1],
-                domains_used: u[2],
-                domains_limit: u[3],
-                machines_used: u[4],
-                machines_limit: u[5],
-            },
+            usage: Usage::from_array(u),
             attrs,
         }))
     }

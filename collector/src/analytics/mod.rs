@@ -163,15 +163,7 @@ fn own_dim(e: &Event, i: usize) -> Option<&str> {
 }
 
 fn usage_of(e: &Event, i: usize) -> Option<u64> {
-    let u = &e.usage;
-    [
-        u.seats_used,
-        u.seats_limit,
-        u.domains_used,
-        u.domains_limit,
-        u.machines_used,
-        u.machines_limit,
-    ][i]
+    e.usage.to_array()[i]
 }
 
 fn status_of(e: &Event) -> Option<Status> {

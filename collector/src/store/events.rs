@@ -87,7 +87,6 @@ struct StoredEventV1 {
 
 impl From<&Event> for StoredEventV1 {
     fn from(e: &Event) -> Self {
-        let u = &e.usage;
         StoredEventV1 {
             id: e.id.clone(),
             event_type: e.event_type.tag(),
@@ -108,14 +107,7 @@ impl From<&Event> for StoredEventV1 {
             deployment: e.deployment.map(Deployment::tag),
             result: e.result.tag(),
             expires_at: e.expires_at,
-            usage: [
-                u.seats_used,
-                u.seats_limit,
-                u.domains_used,
-                u.domains_limit,
-                u.machines_used,
-                u.machines_limit,
-            ],
+            usage: e.usage.to_array(),
             attrs: e.attrs.clone(),
         }
     }
@@ -123,7 +115,6 @@ impl From<&Event> for StoredEventV1 {
 
 impl StoredEventV1 {
     fn into_event(self) -> Option<Event> {
-        let u = self.usage;
         Some(Event {
             id: self.id,
             event_type: EventType::from_tag(self.event_type)?,
@@ -147,14 +138,7 @@ impl StoredEventV1 {
             },
             result: ResultCode::from_tag(self.result)?,
             expires_at: self.expires_at,
-            usage: Usage {
-                seats_used: u[0],
-                seats_limit: u[1],
-                domains_used: u[2],
-                domains_limit: u[3],
-                machines_used: u[4],
-                machines_limit: u[5],
-            },
+            usage: Usage::from_array(self.usage),
             attrs: self.attrs,
         })
     }

@@ -336,22 +336,8 @@ fn open_analytics(
 ) -> Result<(Analytics, AnalyticsOrigin), StoreError> {
     // Stores of an earlier format kept per-record analytics under `x` and a journal under `j`:
     // drop them (the event log replaces the journal).
-    let mut legacy = false;
-    for prefix in [b"x", b"j"] {
-        loop {
-            let mut w = sled::Batch::default();
-            let mut n = 0;
-            for item in db.scan_prefix(prefix).take(10_000) {
-                w.remove(item?.0);
-                n += 1;
-            }
-            if n == 0 {
-                break;
-            }
-            legacy |= prefix == b"x";
-            db.apply_batch(w)?;
-        }
-    }
+    let legacy = remove_prefix(db, b"x")? > 0;
+    remove_prefix(db, b"j")?;
     let _ = std::fs::remove_file(dir.join(format!("{SNAPSHOT_FILE}.tmp")));
     let mut why_rebuild = if migrated {
         Some("the store was migrated to the block event log (new store sequences)".to_string())
@@ -430,6 +416,24 @@ fn open_analytics(
     ))
 }
 
+/// Deletes every key under `prefix`, 10,000 per batch; returns how many there were.
+fn remove_prefix(db: &sled::Db, prefix: &[u8]) -> Result<u64, sled::Error> {
+    let mut removed = 0;
+    loop {
+        let mut w = sled::Batch::default();
+        let mut n = 0;
+        for item in db.scan_prefix(prefix).take(10_000) {
+            w.remove(item?.0);
+            n += 1;
+        }
+        if n == 0 {
+            return Ok(removed);
+        }
+        db.apply_batch(w)?;
+        removed += n;
+    }
+}
+
 /// The key of the id hashes ([`EventLog::hash_id`]): random, made once per store.
 fn id_hash_key(db: &sled::Db) -> Result<(u64, u64), StoreError> {
     if let Some(v) = db.get(b"m.id_key")? {
@@ -494,20 +498,8 @@ fn migrate_v1(db: &sled::Db, log: &EventLog, next: &mut u64) -> Result<bool, Sto
         moved += hashed.len() as u64;
     }
     // The per-event id and license index keys are replaced by the log's own indexes.
-    for prefix in [b"i", b"l"] {
-        loop {
-            let mut w = sled::Batch::default();
-            let mut n = 0;
-            for item in db.scan_prefix(prefix).take(10_000) {
-                w.remove(item?.0);
-                n += 1;
-            }
-            if n == 0 {
-                break;
-            }
-            db.apply_batch(w)?;
-        }
-    }
+    remove_prefix(db, b"i")?;
+    remove_prefix(db, b"l")?;
     db.flush()?;
     tracing::warn!(
         events = moved,

@@ -29,9 +29,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keytrail_common::event::{self, BodyFormat, Context, IngestDefaults};
+use keytrail_common::event::{self, BodyFormat, Context, FixedDefaults};
 use keytrail_common::fingerprint::Fingerprinter;
-use keytrail_common::time::UnixNanos;
 use keytrail_common::wire::{self, BatchSeq};
 use keytrail_tests::load::{drive_agent, LoadResult};
 use keytrail_tests::traffic::Traffic;
@@ -184,6 +183,24 @@ fn machine_line(m: &Value) -> String {
             ""
         }
     )
+}
+
+/// Runs a tool to completion and returns its stdout; a failure stops the bench with its stderr.
+fn stdout_of(mut cmd: Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| die(&format!("running {what}: {e}")));
+    if !out.status.success() {
+        die(&format!("{what} failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The cells of the body rows of the Markdown tables in `text` whose header row starts with
+/// `header`.
+fn table_cells(text: &str, header: &str) -> Vec<Vec<String>> {
+    text.lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with(header))
+        .map(|l| l.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect())
+        .collect()
 }
 
 fn pid_of(p: &keytrail_tests::Proc) -> u32 {
@@ -431,27 +448,14 @@ fn end_to_end(o: &Opts) -> (Value, String) {
 
 // ---- 3. collector ingest ----
 
-struct BenchDefaults(Context, String);
-
-impl IngestDefaults for BenchDefaults {
-    fn agent_id(&self) -> &str {
-        &self.1
-    }
-    fn context(&self) -> &Context {
-        &self.0
-    }
-    fn now(&self) -> UnixNanos {
-        keytrail_common::time::now_ns()
-    }
-    fn new_event_id(&self) -> String {
-        unreachable!("generated events carry ids")
-    }
-}
-
 /// A sealed frame of `n` realistic events from `t` for `agent`; returns it with its raw
 /// (uncompressed) payload size.
 fn frame(t: &mut Traffic, agent: &str, seq: u64, n: usize, fp: &Fingerprinter) -> (Vec<u8>, u64) {
-    let d = BenchDefaults(Context::default(), agent.to_string());
+    let d = FixedDefaults {
+        agent_id: agent.to_string(),
+        context: Context::default(),
+        now: keytrail_common::time::now_ns(),
+    };
     let body: String = (0..n).map(|_| t.event() + "\n").collect();
     let events =
         event::parse_body(body.as_bytes(), BodyFormat::Ndjson, fp, &d, n).unwrap_or_else(|e| die(&e.to_string()));
@@ -615,23 +619,13 @@ fn proxy(o: &Opts) -> (Value, String) {
         other => eprintln!("keytrail-bench: scripts/bench-deps.sh failed ({other:?}); the proxy runs without nginx"),
     }
     let exe = bin("keytrail-proxy-bench");
-    let out = Command::new(&exe)
-        .env("KT_NO_BUILD", "1")
-        .args(["--rounds", &o.runs.to_string(), "--seconds", &o.seconds.to_string()])
-        .output()
-        .unwrap_or_else(|e| die(&format!("running {}: {e}", exe.display())));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        die(&format!(
-            "keytrail-proxy-bench failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let rows: Vec<Value> = text
-        .lines()
-        .filter(|l| l.starts_with("| ") && !l.starts_with("| target"))
-        .map(|l| {
-            let c: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+    let mut cmd = Command::new(&exe);
+    cmd.env("KT_NO_BUILD", "1")
+        .args(["--rounds", &o.runs.to_string(), "--seconds", &o.seconds.to_string()]);
+    let text = stdout_of(cmd, "keytrail-proxy-bench");
+    let rows: Vec<Value> = table_cells(&text, "| target")
+        .into_iter()
+        .map(|c| {
             json!({"target": c.first(), "p50_us": c.get(1), "p99_us": c.get(2), "added_p50_us": c.get(3),
                    "added_p99_us": c.get(4), "req_per_sec_16_connections": c.get(5)})
         })
@@ -723,36 +717,26 @@ fn footprint(o: &Opts) -> (Value, String) {
 
 fn queries(o: &Opts) -> (Value, String) {
     let dir = std::env::temp_dir().join(format!("kt-bench-queries-{}", std::process::id()));
-    let out = Command::new(env!("CARGO"))
-        .args([
-            "run",
-            "--release",
-            "-q",
-            "-p",
-            "keytrail-collector",
-            "--example",
-            "metrics_bench",
-            "--",
-        ])
-        .arg(o.events.to_string())
-        .args(["10000", "90"])
-        .arg(&dir)
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap_or_else(|e| die(&format!("running metrics_bench: {e}")));
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args([
+        "run",
+        "--release",
+        "-q",
+        "-p",
+        "keytrail-collector",
+        "--example",
+        "metrics_bench",
+        "--",
+    ])
+    .arg(o.events.to_string())
+    .args(["10000", "90"])
+    .arg(&dir)
+    .env("RUST_LOG", "error");
+    let text = stdout_of(cmd, "metrics_bench");
     let _ = std::fs::remove_dir_all(&dir);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        die(&format!(
-            "metrics_bench failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let rows: Vec<Value> = text
-        .lines()
-        .filter(|l| l.starts_with("| ") && !l.starts_with("| metric"))
-        .map(|l| {
-            let c: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+    let rows: Vec<Value> = table_cells(&text, "| metric")
+        .into_iter()
+        .map(|c| {
             json!({"metric": c.first(), "by": c.get(1), "p50_ms": c.get(2).and_then(|v| v.parse::<f64>().ok()),
                    "p99_ms": c.get(3).and_then(|v| v.parse::<f64>().ok()), "rows": c.get(4)})
         })

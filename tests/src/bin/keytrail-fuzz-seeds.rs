@@ -2,28 +2,10 @@
 //! a valid record payload and a valid sealed frame of realistic events, made by the project's
 //! own encoder, so the fuzzer starts from inputs that get past the checksum and the header.
 
-use keytrail_common::event::{parse_body, BodyFormat, Context, IngestDefaults};
+use keytrail_common::event::{parse_body, BodyFormat, Context, FixedDefaults};
 use keytrail_common::fingerprint::Fingerprinter;
-use keytrail_common::time::UnixNanos;
 use keytrail_common::wire::{self, BatchSeq};
 use keytrail_tests::traffic::Traffic;
-
-struct Defaults(Context);
-
-impl IngestDefaults for Defaults {
-    fn agent_id(&self) -> &str {
-        "seed-agent"
-    }
-    fn context(&self) -> &Context {
-        &self.0
-    }
-    fn now(&self) -> UnixNanos {
-        1_795_000_000_000_000_000
-    }
-    fn new_event_id(&self) -> String {
-        "seed-id".into()
-    }
-}
 
 fn main() {
     let dir = std::path::PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "fuzz/seeds".into()));
@@ -34,7 +16,11 @@ fn main() {
         body.as_bytes(),
         BodyFormat::Ndjson,
         &fp,
-        &Defaults(Context::default()),
+        &FixedDefaults {
+            agent_id: "seed-agent".into(),
+            context: Context::default(),
+            now: 1_795_000_000_000_000_000,
+        },
         100,
     )
     .unwrap_or_else(|e| panic!("seed events: {e}"));
