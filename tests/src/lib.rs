@@ -5,6 +5,7 @@
 //! JSON start-up log line. Every wait has a deadline and fails with the processes' logs.
 
 pub mod fake_upstream;
+pub mod faultnet;
 pub mod load;
 pub mod traffic;
 
