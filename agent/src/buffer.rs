@@ -377,6 +377,31 @@ fn dead_record(count: u32, reason: &str, frame: &[u8]) -> Vec<u8> {
     record(&body)
 }
 
+/// Moves the sealed batch files of a database that was moved aside into the fresh one's
+/// folder, where recovery adopts the readable ones: each is a self-contained, checksummed frame,
+/// so they are not lost with the database that indexed them.
+fn rescue_sealed_files(from: &Path, to: &Path) {
+    let Ok(entries) = std::fs::read_dir(from) else { return };
+    let _ = std::fs::create_dir_all(to);
+    let mut moved = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "batch") {
+            if let Some(name) = path.file_name() {
+                if std::fs::rename(&path, to.join(name)).is_ok() {
+                    moved += 1;
+                }
+            }
+        }
+    }
+    if moved > 0 {
+        tracing::warn!(
+            files = moved,
+            "sealed batch files taken from the damaged database; they will be sent"
+        );
+    }
+}
+
 /// Opens sled; a panic inside sled (it panics on some corruptions) becomes an error.
 fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, String> {
     let config = sled::Config::new()
@@ -420,6 +445,7 @@ impl Buffer {
                 );
                 std::fs::rename(dir, &aside).map_err(|re| open_err(format!("{e}; moving it aside failed: {re}")))?;
                 std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+                rescue_sealed_files(&aside.join(SEALED_DIR), &dir.join(SEALED_DIR));
                 recovered_from = Some(aside);
                 open_db(dir, limits.cache_bytes).map_err(open_err)?
             }
@@ -509,9 +535,16 @@ impl Buffer {
                 _ => bad.push((k, v)),
             }
         }
-        // Files without a record were either sealed by a seal that never committed (their
-        // events are still pending and were never sent) or acknowledged before a crash: both
-        // are safe to delete. Half-written temporary files likewise.
+        let mut dead = std::collections::HashSet::new();
+        for item in self.db.scan_prefix([D]) {
+            let (k, v) = item?;
+            dead.insert(key_num(&k));
+            counts.dead_batches += 1;
+            counts.dead_bytes += v.len() as u64;
+        }
+        // Half-written temporary files are deleted; batch files without a record are judged
+        // one by one (`orphan_verdict`).
+        let mut orphans = Vec::new();
         if let Ok(entries) = std::fs::read_dir(&self.sealed_dir) {
             for entry in entries.flatten() {
                 let path = entry.path();
@@ -519,21 +552,44 @@ impl Buffer {
                     .file_stem()
                     .and_then(|s| s.to_str())
                     .and_then(|s| s.parse::<u64>().ok());
-                let garbage = match path.extension().and_then(|e| e.to_str()) {
-                    Some("tmp") => true,
-                    Some("batch") => seq.is_none_or(|n| !known.contains(&n)),
-                    _ => false,
-                };
-                if garbage {
+                match (path.extension().and_then(|e| e.to_str()), seq) {
+                    (Some("tmp"), _) | (Some("batch"), None) => {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    (Some("batch"), Some(n)) if !known.contains(&n) => orphans.push((n, path)),
+                    _ => {}
+                }
+            }
+        }
+        orphans.sort();
+        let mut adopted = sled::Batch::default();
+        let mut next_seq = self.state.lock().expect("buffer state").next_seq;
+        let mut pending_ids: Option<Vec<String>> = None;
+        for (seq, path) in orphans {
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            let pending = pending_ids.get_or_insert_with(|| self.oldest_pending_ids());
+            match self.orphan_verdict(seq, &bytes, next_seq, &dead, pending) {
+                Some(meta) => {
+                    tracing::warn!(
+                        seq, events = meta.count,
+                        "a sealed batch file had no record in the database (lost to damage, or its acknowledgement was cut short): adopted, it will be sent; the collector drops it if it already has it"
+                    );
+                    adopted.insert(&key(S, seq), sealed_meta_record(meta));
+                    counts.sealed_events += meta.count as u64;
+                    counts.sealed_bytes += meta.file_len;
+                    counts.sealed_batches += 1;
+                    next_seq = next_seq.max(seq + 1);
+                }
+                None => {
                     let _ = std::fs::remove_file(&path);
                 }
             }
         }
-        for item in self.db.scan_prefix([D]) {
-            let (_, v) = item?;
-            counts.dead_batches += 1;
-            counts.dead_bytes += v.len() as u64;
-        }
+        adopted.insert(META_NEXT_SEQ, &next_seq.to_be_bytes());
+        self.db.apply_batch(adopted)?;
+        self.flush()?;
+        self.state.lock().expect("buffer state").next_seq = next_seq;
+        self.durable_seq.store(next_seq, Ordering::Release);
         let next_quarantine = self
             .db
             .scan_prefix([Q])
@@ -552,6 +608,70 @@ impl Buffer {
         }
         self.publish_gauges();
         Ok(())
+    }
+
+    /// The ids of the oldest pending events, in order, as far as the chunks decode.
+    fn oldest_pending_ids(&self) -> Vec<String> {
+        let mut ids = Vec::new();
+        for (_, v) in self.db.scan_prefix([P]).flatten() {
+            let Some(chunk) = parse_chunk(&v) else { break };
+            match wire::decode_payload(chunk.records, &self.agent_id, chunk.count) {
+                Ok(events) => ids.extend(events.into_iter().map(|e| e.id)),
+                Err(_) => break,
+            }
+            if ids.len() >= 4 * self.limits.batch_max_events as usize {
+                break;
+            }
+        }
+        ids
+    }
+
+    /// What to do with a sealed batch file that has no `s` record. Three crashes or damages
+    /// leave one:
+    /// - a seal cut off between writing the file and committing its record: its sequence was
+    ///   never sent and its events are still the oldest pending ones → delete it (`None`);
+    /// - an acknowledgement or dead-lettering cut off between removing the record and deleting
+    ///   the file: the collector has the batch (or `d` holds it) → sending it again is
+    ///   harmless, the collector answers 200 for a batch it has;
+    /// - sled lost the record (its log damaged and recovered to an earlier state): the file
+    ///   may be the only copy of its events → it must be sent.
+    ///
+    /// The last two cannot be told apart, so a readable file is adopted unless it is a
+    /// dead letter or a seal that never committed; at worst one batch is sent twice and
+    /// deduplicated. An unreadable file has nothing to send.
+    fn orphan_verdict(
+        &self,
+        seq: u64,
+        bytes: &[u8],
+        next_seq: u64,
+        dead: &std::collections::HashSet<u64>,
+        pending_ids: &[String],
+    ) -> Option<SealedMeta> {
+        if dead.contains(&seq) {
+            return None;
+        }
+        let sealed = parse_sealed(bytes)?;
+        let body = open_record(bytes, 20)?;
+        let limits = wire::DecodeLimits {
+            max_frame_bytes: sealed.frame.len(),
+            max_uncompressed_bytes: (self.limits.batch_max_bytes as usize).saturating_mul(2) + (1 << 20),
+            max_events: sealed.count,
+        };
+        let batch = wire::decode_frame(sealed.frame, &limits).ok()?;
+        if batch.header.seq.0 != seq || batch.events.len() != sealed.count as usize {
+            return None;
+        }
+        let never_committed = seq >= next_seq
+            && pending_ids.len() >= batch.events.len()
+            && batch.events.iter().zip(pending_ids).all(|(e, id)| &e.id == id);
+        if never_committed {
+            return None;
+        }
+        Some(SealedMeta {
+            count: sealed.count,
+            first_arrived: be_i64(body, 12),
+            file_len: bytes.len() as u64,
+        })
     }
 
     /// Moves an unreadable record to `q`, counting what it held as dropped.
@@ -1410,6 +1530,85 @@ mod tests {
             "acked files are deleted"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batch_files_without_records_are_adopted_unless_their_seal_never_committed() {
+        let dir = tmp("orphans");
+        let lim = || limits(64 << 20, WhenFull::Reject, 10);
+        let metrics = Arc::new(AgentMetrics::default());
+        let next_seq = {
+            let b = Buffer::open(&dir, Some("a"), lim(), metrics.clone()).unwrap();
+            let app = b.start_writer();
+            let (recs, n) = records(0..30);
+            app.append(recs, n).await.unwrap();
+            for _ in 0..2 {
+                b.seal_one().unwrap().unwrap();
+            }
+            let next = b.state.lock().unwrap().next_seq;
+            shut(b, app);
+            next
+        };
+        // sled loses the record of the first sealed batch (damage recovered to a shorter log):
+        // the file is the only copy of its events.
+        {
+            let db = sled::open(&dir).unwrap();
+            db.remove(key(S, next_seq - 2)).unwrap();
+            db.flush().unwrap();
+        }
+        // A seal that never committed: a file for the next sequence holding exactly the oldest
+        // pending events (20..30), which are still pending.
+        let (payload, n) = records(20..30);
+        let frame = wire::seal_frame("a", BatchSeq(next_seq), n, &payload, 3);
+        let mut body = Vec::new();
+        body.extend_from_slice(&n.to_be_bytes());
+        body.extend_from_slice(&0i64.to_be_bytes());
+        body.extend_from_slice(&0i64.to_be_bytes());
+        body.extend_from_slice(&frame);
+        let uncommitted = dir.join(SEALED_DIR).join(format!("{next_seq:020}.batch"));
+        std::fs::write(&uncommitted, record(&body)).unwrap();
+
+        let b = Buffer::open(&dir, None, lim(), metrics.clone()).unwrap();
+        assert!(!uncommitted.exists(), "a seal that never committed is deleted");
+        let c = b.counts();
+        assert_eq!((c.sealed_batches, c.sealed_events, c.pending_events), (2, 20, 10));
+        assert_eq!(metrics.discarded.get(&["corrupt"]), 0);
+        // Nothing lost, nothing twice, and the next seal does not reuse a sequence.
+        let seq = b.seal_one().unwrap().unwrap();
+        assert_eq!(seq.0, next_seq);
+        let mut ids = drain_ids(&b);
+        ids.sort();
+        let want: Vec<String> = (0..30).map(|i| event(i).id).collect();
+        assert_eq!(ids, want);
+        drop(b);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sealed_files_of_a_database_moved_aside_are_rescued() {
+        let dir = tmp("rescue");
+        let lim = || limits(64 << 20, WhenFull::Reject, 10);
+        {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let b = Buffer::open(&dir, Some("a"), lim(), Arc::default()).unwrap();
+            let app = rt.block_on(async {
+                let app = b.start_writer();
+                let (recs, n) = records(0..20);
+                app.append(recs, n).await.unwrap();
+                app
+            });
+            b.seal_one().unwrap().unwrap();
+            b.seal_one().unwrap().unwrap();
+            shut(b, app);
+        }
+        std::fs::write(dir.join("conf"), b"\xff not a sled config").unwrap();
+        let b = Buffer::open(&dir, Some("a"), lim(), Arc::default()).unwrap();
+        let aside = b.recovered_from.clone().expect("moved aside");
+        assert_eq!(b.counts().sealed_events, 20);
+        assert_eq!(drain_ids(&b).len(), 20);
+        drop(b);
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&aside).unwrap();
     }
 
     #[test]
