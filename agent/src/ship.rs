@@ -36,6 +36,8 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 /// How often an idle agent checks that it can still reach the collector.
 const IDLE_PING: Duration = Duration::from_secs(5);
+/// The request header with this agent's clock, unix milliseconds.
+const SENT_AT_HEADER: &str = keytrail_common::wire::SENT_AT_HEADER;
 
 /// What the last contact with the collector said; feeds `/readyz` and `/v1/status`.
 #[derive(Debug, Default)]
@@ -295,6 +297,12 @@ impl CollectorClient {
             .uri(path)
             .header(http::header::HOST, &self.authority)
             .header(http::header::CONTENT_TYPE, "application/x-keytrail-batch")
+            // This agent's clock at sending, so the collector can measure and correct skew
+            // (docs/wire-protocol.md). Not part of the frame: a resend carries a fresh one.
+            .header(
+                SENT_AT_HEADER,
+                (keytrail_common::time::now_ns() / 1_000_000).to_string(),
+            )
             .body(Full::new(body))
             .expect("static request parts are valid");
         let resp = sender

@@ -6,6 +6,7 @@
 pub mod analytics;
 pub mod api;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod dedup;
 pub mod errors;
@@ -30,8 +31,28 @@ const PURGE_EVERY: Duration = Duration::from_secs(3600);
 ///
 /// Shutdown order: stop accepting on both ports → let the store writer finish the group it
 /// holds (agents whose request was cut off resend; duplicates are harmless) → final flush.
+/// Says at start-up what an operator may not have meant: secrets other users can read, a
+/// receive port that takes any agent id, an analyst API open to the network without a token.
+fn warn_about_exposure(config: &CollectorConfig, token: bool) {
+    use keytrail_common::config::warn_if_exposed;
+    warn_if_exposed(&config.key, "receive.key private key");
+    if let Some(t) = &config.token_file {
+        warn_if_exposed(t, "api.token_file analyst token");
+    }
+    if config.client_ca.is_none() {
+        tracing::warn!("receive.client_ca is not set: any TLS client can send batches under any agent id (no mTLS)");
+    }
+    if !token && !config.api_listen.ip().is_loopback() {
+        tracing::warn!(
+            api = %config.api_listen,
+            "the analyst API listens beyond loopback without api.token_file: anyone who can reach it reads the data"
+        );
+    }
+}
+
 pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
     let token = config.read_token().map_err(anyhow::Error::msg)?;
+    warn_about_exposure(&config, token.is_some());
     // Certificates, key and client CA are re-read when they change: rotation needs no restart.
     let (cert, key, ca) = (config.cert.clone(), config.key.clone(), config.client_ca.clone());
     let mut tls_files = vec![cert.clone(), key.clone()];

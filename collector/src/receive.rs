@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use keytrail_common::body::{read_capped, BodyError};
+use keytrail_common::time::now_ns;
 use keytrail_common::tls::Reloading;
 use keytrail_common::wire::{self, DecodeLimits};
 use tokio::net::TcpListener;
@@ -102,6 +103,11 @@ pub async fn serve(
     .await
 }
 
+/// The agent's clock header, when present and readable.
+fn sent_at(req: &Request<Incoming>) -> Option<&str> {
+    req.headers().get(wire::SENT_AT_HEADER).and_then(|v| v.to_str().ok())
+}
+
 fn ok_json(value: serde_json::Value) -> Response<Full<Bytes>> {
     Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
@@ -115,7 +121,12 @@ async fn route(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/v1/ping") => Ok(ok_json(serde_json::json!({"ok": true, "agent_id": identity}))),
+        (&Method::GET, "/v1/ping") => {
+            if let Some(id) = identity {
+                r.metrics.clocks.observe(id, sent_at(&req), now_ns());
+            }
+            Ok(ok_json(serde_json::json!({"ok": true, "agent_id": identity})))
+        }
         (&Method::POST, "/v1/batches") => receive(r, identity, req).await,
         (_, "/v1/ping" | "/v1/batches") => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -142,6 +153,8 @@ async fn receive(
             "a client certificate is required",
         ));
     }
+    let arrived = now_ns();
+    let sent_at = sent_at(&req).map(str::to_owned);
     let cap = r.limits.max_frame_bytes as u64;
     let too_large = || {
         ApiError::new(
@@ -213,11 +226,17 @@ async fn receive(
             return Err(e.into());
         }
     };
+    let mut events = batch.events;
+    let correction = r
+        .metrics
+        .clocks
+        .observe(&batch.header.agent_id, sent_at.as_deref(), arrived);
+    crate::clock::correct(&mut events, correction);
     let incoming = IncomingBatch {
         agent_id: batch.header.agent_id,
         seq: batch.header.seq,
         frame_crc,
-        events: batch.events,
+        events,
     };
     let outcome = r.writer.ingest(incoming).await?;
     r.metrics

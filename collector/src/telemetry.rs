@@ -11,6 +11,8 @@ pub struct CollectorMetrics {
     pub errors: LabeledCounter,
     /// `{outcome}`: `stored`, `duplicate`, `rejected`, `failed`.
     pub batches: LabeledCounter,
+    /// Each agent's clock offset, measured on its requests.
+    pub clocks: crate::clock::Clocks,
 }
 
 impl Default for CollectorMetrics {
@@ -18,6 +20,7 @@ impl Default for CollectorMetrics {
         CollectorMetrics {
             errors: LabeledCounter::new(&["stage", "error_type"]),
             batches: LabeledCounter::new(&["outcome"]),
+            clocks: crate::clock::Clocks::default(),
         }
     }
 }
@@ -62,6 +65,12 @@ impl CollectorMetrics {
             "keytrail_collector_agents",
             "Agents that have sent at least one batch.",
             store.agents().len() as f64,
+        )
+        .labeled_gauge(
+            "keytrail_collector_agent_clock_offset_seconds",
+            "Collector clock minus the agent's clock, measured on its last request.",
+            "agent_id",
+            &self.clocks.offsets_seconds(),
         );
         let a = store.analytics_stats();
         p.gauge(

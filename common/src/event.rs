@@ -30,6 +30,14 @@ pub const MAX_STRING_LEN: usize = 256;
 pub const MAX_ATTRS: usize = 32;
 /// Longest raw `license_key` accepted before hashing (it is a credential, but not a novel).
 pub const MAX_LICENSE_KEY_LEN: usize = 4096;
+/// Event times the agent accepts: 2000-01-01T00:00:00Z inclusive to 2100-01-01T00:00:00Z
+/// exclusive. Outside that, a time is a unit mistake (unix seconds read as milliseconds lands
+/// in January 1970) or a broken clock, and would put the event outside every dashboard window;
+/// the request is refused (400) so the sender sees it. `expires_at` has no such bound
+/// (perpetual licenses carry far-future expiries).
+pub const EARLIEST_EVENT_TIME: UnixNanos = 946_684_800 * 1_000_000_000;
+pub const LATEST_EVENT_TIME: UnixNanos = 4_102_444_800 * 1_000_000_000;
+
 /// Integer times are unix milliseconds; this bounds them to what fits in i64 nanoseconds.
 const MAX_UNIX_MS: i64 = i64::MAX / 1_000_000;
 
@@ -733,6 +741,21 @@ fn take_string(field: &'static str, v: Option<Cow<'_, str>>, max: usize) -> Resu
     }
 }
 
+/// A `time` the sender gave must be within the accepted range.
+fn check_event_time(time: UnixNanos) -> Result<UnixNanos, IngestError> {
+    if (EARLIEST_EVENT_TIME..LATEST_EVENT_TIME).contains(&time) {
+        return Ok(time);
+    }
+    Err(IngestError::new(
+        "invalid_value",
+        Some("time"),
+        format!(
+            "`time` {} is outside 2000-01-01..2100-01-01 (unix seconds sent as milliseconds?)",
+            crate::time::format_rfc3339(time)
+        ),
+    ))
+}
+
 fn parse_time_field(field: &'static str, text: &str) -> Result<UnixNanos, IngestError> {
     parse_rfc3339_ns(text).ok_or_else(|| {
         IngestError::new(
@@ -763,6 +786,8 @@ impl RawEvent<'_> {
             None => d.new_event_id(),
         };
         let time = match self.time {
+            // The agent's own clock is not judged here: an agent whose clock is off still takes
+            // events, and the collector corrects their times (collector/src/clock.rs).
             None => d.now(),
             Some(RawTime::Millis(ms)) => {
                 if !(-MAX_UNIX_MS..=MAX_UNIX_MS).contains(&ms) {
@@ -772,9 +797,9 @@ impl RawEvent<'_> {
                         "`time` in unix milliseconds is out of range",
                     ));
                 }
-                ms * 1_000_000
+                check_event_time(ms * 1_000_000)?
             }
-            Some(RawTime::Text(t)) => parse_time_field("time", &t)?,
+            Some(RawTime::Text(t)) => check_event_time(parse_time_field("time", &t)?)?,
         };
         let license = match (self.license_key, self.license) {
             (Some(_), Some(_)) => {
@@ -1066,6 +1091,26 @@ mod tests {
 
         let err = parse(r#"{"type":"payment.failed","time":"yesterday"}"#, BodyFormat::Json).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("time"));
+        // Times outside 2000..2100 are refused (seconds sent as milliseconds land in 1970);
+        // expiries are not bounded (perpetual licenses).
+        for bad in [
+            r#""time":1762000000"#,
+            r#""time":"2100-01-01T00:00:00Z""#,
+            r#""time":"1999-12-31T23:59:59Z""#,
+        ] {
+            let err = parse(&format!(r#"{{"type":"payment.failed",{bad}}}"#), BodyFormat::Json).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some("time"), "{bad}");
+            assert!(
+                err.message.contains("outside 2000-01-01..2100-01-01"),
+                "{}",
+                err.message
+            );
+        }
+        parse(
+            r#"{"type":"license.validated","license":"l","time":"2099-12-31T23:59:59Z","expires_at":"2200-01-01T00:00:00Z"}"#,
+            BodyFormat::Json,
+        )
+        .unwrap();
 
         let attrs: String = (0..33).map(|i| format!(r#""k{i}":"v","#)).collect();
         let err = parse(

@@ -124,6 +124,15 @@ impl Page {
         self
     }
 
+    /// A gauge family with one label, one sample per value.
+    pub fn labeled_gauge(&mut self, name: &str, help: &str, label: &str, samples: &[(String, f64)]) -> &mut Self {
+        self.head(name, help, "gauge");
+        for (v, x) in samples {
+            let _ = writeln!(self.0, "{name}{{{label}=\"{}\"}} {x}", escape(v));
+        }
+        self
+    }
+
     pub fn finish(self) -> String {
         self.0
     }

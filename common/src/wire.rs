@@ -35,6 +35,9 @@ pub const HEADER_LEN: usize = 32;
 const TRAILER_LEN: usize = 4;
 /// Largest single event record accepted in a payload.
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+/// Request header on `POST /v1/batches` and `GET /v1/ping`: the agent's clock when it sent the
+/// request, unix milliseconds. Outside the frame, so a resent frame stays byte-identical.
+pub const SENT_AT_HEADER: &str = "x-keytrail-sent-at";
 
 type Config = bincode::config::Configuration<
     bincode::config::LittleEndian,

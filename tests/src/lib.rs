@@ -98,6 +98,7 @@ impl Sandbox {
         );
         let secret = dir.path().join("fingerprint.secret");
         std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+        set_mode(&secret, 0o600);
         Sandbox { dir, pki, secret }
     }
 
@@ -361,6 +362,8 @@ pub struct AgentOpts {
     pub stall_after: String,
     /// Appended to the generated config (e.g. a `[proxy]` section).
     pub extra_toml: String,
+    /// Extra environment for the process (e.g. libfaketime).
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentOpts {
@@ -377,6 +380,7 @@ impl AgentOpts {
             batch_timeout: "100ms".into(),
             stall_after: "2s".into(),
             extra_toml: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -388,6 +392,7 @@ pub struct Agent {
     pub proxy: Option<SocketAddr>,
     pub data_dir: PathBuf,
     config: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -427,6 +432,7 @@ impl Agent {
             proxy: None,
             data_dir,
             config,
+            env: opts.env.clone(),
         };
         a.restart();
         a
@@ -437,6 +443,7 @@ impl Agent {
         let after = self.proc.log_len();
         let mut cmd = Command::new(bin("keytrail-agent"));
         cmd.args(["--log-format", "json", "run", "--config"]).arg(&self.config);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.proc = Proc::spawn(&self.proc.name.clone(), cmd, self.proc.log.clone());
         let f = self.proc.started_fields("keytrail-agent started", after);
         self.ingest = f["ingest"].as_str().unwrap().parse().unwrap();
@@ -546,6 +553,12 @@ fn dechunk(s: &str) -> String {
         rest = after[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// Sets a file's permission bits.
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 /// A validation event with a stable id, as NDJSON.
