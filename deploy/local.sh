@@ -20,7 +20,7 @@ B=target/release
 mkdir -p "$RUN"
 RUN=$(cd "$RUN" && pwd)
 [ -f "$RUN/pki/ca.crt" ] || "$B/keytrail-collector" certs --out "$RUN/pki" --agent local-agent >/dev/null
-[ -s "$RUN/fingerprint.secret" ] || { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; echo; } >"$RUN/fingerprint.secret"
+[ -s "$RUN/fingerprint.secret" ] || (umask 077; { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; echo; } >"$RUN/fingerprint.secret")
 cat >"$RUN/collector.toml" <<TOML
 data_dir = "$RUN/collector"
 [receive]

@@ -29,6 +29,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
     let fingerprinter = Fingerprinter::from_file(&config.fingerprint_secret_file).map_err(anyhow::Error::msg)?;
+    keytrail_common::config::warn_if_exposed(
+        &config.fingerprint_secret_file,
+        "privacy.fingerprint_secret_file secret",
+    );
+    if let Some((_, key)) = &config.ship.client_cert {
+        keytrail_common::config::warn_if_exposed(key, "ship.key private key");
+    }
     let client = CollectorClient::new(&config.ship).map_err(anyhow::Error::msg)?;
     let metrics = Arc::new(AgentMetrics::default());
     let limits = BufferLimits {

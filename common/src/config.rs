@@ -124,6 +124,29 @@ pub fn hostname() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// Logs a warning when a file holding a secret (a private key, the analyst token, the
+/// fingerprint secret) can be read or written by users other than its owner. Never fails:
+/// the operator decides, but is told. Returns whether it warned.
+pub fn warn_if_exposed(path: &Path, what: &str) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    file = %path.display(),
+                    mode = format!("{mode:o}"),
+                    "the {what} is readable by other users of this machine; `chmod 600` it"
+                );
+                return true;
+            }
+        }
+    }
+    let _ = (path, what);
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

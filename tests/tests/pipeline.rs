@@ -205,11 +205,19 @@ fn raw_license_keys_never_reach_disk() {
     let page: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(page["events"].as_array().unwrap().len(), 20);
     assert!(page["events"][0]["machine"].as_str().unwrap().starts_with("mf_"));
-    for needle in [raw_key, raw_machine] {
+    // Nor do the secrets leave their files: the fingerprint secret and the agent's private
+    // key (a line from the middle of its PEM body) appear in no log, buffer or store.
+    let key_pem = std::fs::read_to_string(sb.pki.join("agent-a.key")).unwrap();
+    let key_lines: Vec<&str> = key_pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let key_line = key_lines[key_lines.len() / 2];
+    assert!(key_line.len() >= 40, "{key_line}");
+    for needle in [raw_key, raw_machine, SECRET, key_line, "PRIVATE KEY"] {
         let hits = files_containing(sb.dir.path(), needle.as_bytes());
         let hits: Vec<_> = hits
             .into_iter()
-            .filter(|p| !p.ends_with("fingerprint.secret"))
+            .filter(|p| {
+                !p.ends_with("fingerprint.secret") && !p.starts_with(&sb.pki) && !p.starts_with(sb.path("rogue-pki"))
+            })
             .collect();
         assert!(hits.is_empty(), "{needle} found in {hits:?}");
     }
@@ -361,4 +369,20 @@ fn certificates_are_reloaded_without_a_restart() {
     }
     agent.post_until_accepted(&validations("after", 10), WAIT);
     collector.wait_stored(60, WAIT, Some(&agent));
+}
+
+/// A secret other users of the machine can read is named in a warning at start-up.
+#[test]
+fn secrets_readable_by_other_users_are_warned_about() {
+    let sb = Sandbox::new("exposed");
+    let collector = Collector::start(&sb, CollectorOpts::default());
+    set_mode(&sb.secret, 0o644);
+    let mut agent = Agent::start(&sb, &collector.url(), AgentOpts::new(&sb, "agent-a"));
+    assert!(
+        agent.proc.log_text().contains("readable by other users"),
+        "{}",
+        agent.proc.log_text()
+    );
+    assert!(!agent.proc.log_text().contains(SECRET));
+    assert_eq!(agent.proc.terminate(), Some(0));
 }
