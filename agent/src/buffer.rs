@@ -116,6 +116,8 @@ const Q: u8 = b'q';
 const RECORD_VERSION: u8 = 1;
 /// Folder of sealed batch files, inside the buffer directory.
 const SEALED_DIR: &str = "sealed";
+/// How often a buffer whose storage failed tries to reopen it.
+const HEAL_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Largest chunk one group commit writes; a bigger group is split into several chunks.
 const MAX_CHUNK_BYTES: usize = 4 << 20;
 /// Most appends waiting for the writer; beyond this, callers wait for a slot (backpressure).
@@ -145,6 +147,8 @@ pub struct BufferLimits {
 pub enum AppendError {
     #[error("buffer full: {buffered} of {max} bytes used")]
     Full { buffered: u64, max: u64 },
+    #[error("the disk holding the buffer has {free} bytes free, less than the {reserve} bytes kept in reserve")]
+    DiskLow { free: u64, reserve: u64 },
     #[error("buffer write failed: {0}")]
     Storage(String),
     #[error("buffer is shutting down")]
@@ -207,9 +211,13 @@ struct Mutable {
 
 /// The buffer. Shared by the ingest side (through [`Appender`]), the sealer and the shipper.
 pub struct Buffer {
-    db: sled::Db,
+    /// The database; `None` only while [`Buffer::heal`] reopens it (under the write lock) or
+    /// when reopening failed.
+    db: std::sync::RwLock<Option<sled::Db>>,
     /// sled's log file, kept open to `fdatasync` after each flush.
-    log_file: Option<std::fs::File>,
+    log_file: Mutex<Option<std::fs::File>>,
+    /// The buffer directory, to reopen the database.
+    dir: PathBuf,
     /// `<dir>/sealed`: one file per sealed batch (see the module doc).
     sealed_dir: PathBuf,
     agent_id: String,
@@ -232,6 +240,10 @@ pub struct Buffer {
     writable: AtomicBool,
     /// Set while a sealer runs ([`Buffer::sealer_running`]): only then is waiting for it useful.
     sealer_active: AtomicBool,
+    /// Set by a storage error: sled refuses every later operation until it is reopened.
+    broken: AtomicBool,
+    /// When [`Buffer::heal`] last tried.
+    last_heal: Mutex<Option<std::time::Instant>>,
 }
 
 fn key(prefix: u8, n: u64) -> [u8; 9] {
@@ -377,6 +389,56 @@ fn dead_record(count: u32, reason: &str, frame: &[u8]) -> Vec<u8> {
     record(&body)
 }
 
+/// Free bytes (for unprivileged users) and total bytes of the file system holding `dir`.
+fn disk_space(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct we own; `path` is a valid C string.
+    #[allow(unsafe_code)]
+    let st = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(path.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        st
+    };
+    let unit = st.f_frsize as u64;
+    Some((st.f_bavail as u64 * unit, st.f_blocks as u64 * unit))
+}
+
+/// Free space kept on the buffer's file system: a twentieth of it, at least 8 MiB (two of the
+/// largest chunks a group commit writes) and at most 256 MiB.
+fn disk_reserve(total: u64) -> u64 {
+    (total / 20).clamp(8 << 20, 256 << 20)
+}
+
+/// `m.next_seq`, created for a new database (see the module doc for why it starts at the
+/// current time).
+fn read_next_seq(db: &sled::Db) -> Result<u64, sled::Error> {
+    Ok(match db.get(META_NEXT_SEQ)? {
+        Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().expect("8 bytes")),
+        _ => {
+            let start = (now_ns() / 1000) as u64;
+            db.insert(META_NEXT_SEQ, &start.to_be_bytes())?;
+            start
+        }
+    })
+}
+
+/// Renames a database that cannot be opened to `<dir>.corrupt-<unix seconds>` and creates an
+/// empty `dir` with the old sealed batch files in it (see [`rescue_sealed_files`]).
+fn move_aside(dir: &Path, error: &str) -> Result<PathBuf, String> {
+    let aside = PathBuf::from(format!("{}.corrupt-{}", dir.display(), now_ns() / 1_000_000_000));
+    tracing::error!(
+        dir = %dir.display(), moved_to = %aside.display(), error = %error,
+        "buffer database cannot be opened: moved aside, starting a fresh one; its sealed batches are kept, its unsealed events are not shipped"
+    );
+    std::fs::rename(dir, &aside).map_err(|re| format!("{error}; moving it aside failed: {re}"))?;
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    rescue_sealed_files(&aside.join(SEALED_DIR), &dir.join(SEALED_DIR));
+    Ok(aside)
+}
+
 /// Moves the sealed batch files of a database that was moved aside into the fresh one's
 /// folder, where recovery adopts the readable ones: each is a self-contained, checksummed frame,
 /// so they are not lost with the database that indexed them.
@@ -438,14 +500,7 @@ impl Buffer {
                 )))
             }
             Err(e) => {
-                let aside = PathBuf::from(format!("{}.corrupt-{}", dir.display(), now_ns() / 1_000_000_000));
-                tracing::error!(
-                    dir = %dir.display(), moved_to = %aside.display(), error = %e,
-                    "buffer database cannot be opened: moved aside, starting a fresh one; events in it are not shipped"
-                );
-                std::fs::rename(dir, &aside).map_err(|re| open_err(format!("{e}; moving it aside failed: {re}")))?;
-                std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-                rescue_sealed_files(&aside.join(SEALED_DIR), &dir.join(SEALED_DIR));
+                let aside = move_aside(dir, &e).map_err(open_err)?;
                 recovered_from = Some(aside);
                 open_db(dir, limits.cache_bytes).map_err(open_err)?
             }
@@ -470,19 +525,13 @@ impl Buffer {
         if db.get(META_FORMAT)?.is_none() {
             db.insert(META_FORMAT, &FORMAT.to_be_bytes())?;
         }
-        let next_seq = match db.get(META_NEXT_SEQ)? {
-            Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().expect("8 bytes")),
-            _ => {
-                let start = (now_ns() / 1000) as u64;
-                db.insert(META_NEXT_SEQ, &start.to_be_bytes())?;
-                start
-            }
-        };
+        let next_seq = read_next_seq(&db)?;
         db.flush()?;
 
         let buffer = Buffer {
-            db,
-            log_file,
+            db: std::sync::RwLock::new(Some(db)),
+            log_file: Mutex::new(log_file),
+            dir: dir.to_path_buf(),
             sealed_dir,
             agent_id,
             limits,
@@ -501,6 +550,8 @@ impl Buffer {
             sealed_ready: Notify::new(),
             writable: AtomicBool::new(true),
             sealer_active: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
+            last_heal: Mutex::new(None),
         };
         buffer.recover()?;
         Ok(Arc::new(buffer))
@@ -511,7 +562,7 @@ impl Buffer {
         let mut counts = Counts::default();
         let mut next_chunk = 0;
         let mut bad = Vec::new();
-        for item in self.db.scan_prefix([P]) {
+        for item in self.db()?.scan_prefix([P]) {
             let (k, v) = item?;
             next_chunk = key_num(&k) + 1;
             match parse_chunk(&v) {
@@ -523,7 +574,7 @@ impl Buffer {
             }
         }
         let mut known = std::collections::HashSet::new();
-        for item in self.db.scan_prefix([S]) {
+        for item in self.db()?.scan_prefix([S]) {
             let (k, v) = item?;
             match parse_sealed_meta(&v) {
                 Some(m) if self.sealed_path(key_num(&k)).exists() => {
@@ -536,7 +587,7 @@ impl Buffer {
             }
         }
         let mut dead = std::collections::HashSet::new();
-        for item in self.db.scan_prefix([D]) {
+        for item in self.db()?.scan_prefix([D]) {
             let (k, v) = item?;
             dead.insert(key_num(&k));
             counts.dead_batches += 1;
@@ -586,12 +637,12 @@ impl Buffer {
             }
         }
         adopted.insert(META_NEXT_SEQ, &next_seq.to_be_bytes());
-        self.db.apply_batch(adopted)?;
+        self.db()?.apply_batch(adopted)?;
         self.flush()?;
         self.state.lock().expect("buffer state").next_seq = next_seq;
         self.durable_seq.store(next_seq, Ordering::Release);
         let next_quarantine = self
-            .db
+            .db()?
             .scan_prefix([Q])
             .keys()
             .next_back()
@@ -613,7 +664,8 @@ impl Buffer {
     /// The ids of the oldest pending events, in order, as far as the chunks decode.
     fn oldest_pending_ids(&self) -> Vec<String> {
         let mut ids = Vec::new();
-        for (_, v) in self.db.scan_prefix([P]).flatten() {
+        let Ok(db) = self.db() else { return ids };
+        for (_, v) in db.scan_prefix([P]).flatten() {
             let Some(chunk) = parse_chunk(&v) else { break };
             match wire::decode_payload(chunk.records, &self.agent_id, chunk.count) {
                 Ok(events) => ids.extend(events.into_iter().map(|e| e.id)),
@@ -690,8 +742,8 @@ impl Buffer {
         let mut b = sled::Batch::default();
         b.remove(k);
         b.insert(&key(Q, n), v);
-        self.db.apply_batch(b)?;
-        self.db.flush()?;
+        self.db()?.apply_batch(b)?;
+        self.db()?.flush()?;
         if k[0] == S {
             let path = self.sealed_path(key_num(k));
             let _ = std::fs::rename(&path, path.with_extension("corrupt"));
@@ -721,9 +773,10 @@ impl Buffer {
 
     /// Arrival time of the oldest buffered (unsent) event.
     pub fn oldest_arrival(&self) -> Option<UnixNanos> {
-        let sealed = self.db.scan_prefix([S]).values().next().and_then(Result::ok);
+        let db = self.db().ok()?;
+        let sealed = db.scan_prefix([S]).values().next().and_then(Result::ok);
         let sealed = sealed.as_deref().and_then(parse_sealed_meta).map(|s| s.first_arrived);
-        let pending = self.db.scan_prefix([P]).values().next().and_then(Result::ok);
+        let pending = db.scan_prefix([P]).values().next().and_then(Result::ok);
         let pending = pending.as_deref().and_then(parse_chunk).map(|c| c.arrived);
         match (sealed, pending) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -742,11 +795,125 @@ impl Buffer {
     /// Flush sled, then `fdatasync` its log so the data is on the device, not only handed to
     /// the kernel.
     fn flush(&self) -> Result<(), sled::Error> {
-        self.db.flush()?;
-        if let Some(f) = &self.log_file {
-            f.sync_data()?;
+        let flushed = self.db().and_then(|db| db.flush()).and_then(|_| {
+            if let Some(f) = &*self.log_file.lock().expect("log file") {
+                f.sync_data()?;
+            }
+            Ok(())
+        });
+        if let Err(e) = &flushed {
+            self.storage_failed(e);
         }
-        Ok(())
+        flushed
+    }
+
+    /// Records a storage error: sled 0.34 keeps the first I/O error of its log writer and
+    /// returns it from every later operation until the database is opened again, so a full
+    /// disk would otherwise stop the buffer for good. [`Buffer::heal`] reopens it.
+    fn storage_failed(&self, e: &sled::Error) {
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            tracing::error!(error = %e, "buffer storage failed; it is reopened once there is room again (every {}s)", HEAL_EVERY.as_secs());
+        }
+        self.writable.store(false, Ordering::Relaxed);
+    }
+
+    /// After a storage error: reopens the database (at most once per [`HEAL_EVERY`]), recovers
+    /// from what is on disk as after a restart, and checks that a write sticks. Returns whether
+    /// the buffer works. Acknowledged events were flushed before their acknowledgement, so
+    /// they are in what sled reopens; what was being written when the error struck was not
+    /// acknowledged.
+    pub fn heal(&self) -> bool {
+        if !self.broken.load(Ordering::Acquire) {
+            return true;
+        }
+        {
+            let mut last = self.last_heal.lock().expect("last heal");
+            if last.is_some_and(|t| t.elapsed() < HEAL_EVERY) {
+                return false;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let _layout = self.layout.lock().expect("buffer layout");
+        // Closing a sled database whose log writer failed can take long (it tries to flush):
+        // take it out (readers get an error meanwhile, not a hang), close it on a thread of
+        // its own and wait a little. Other threads may still hold a clone for an operation in
+        // progress; sled's file lock is released when the last one is dropped.
+        let old = self.db.write().expect("buffer database").take();
+        *self.log_file.lock().expect("log file") = None;
+        if let Some(old) = old {
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let _ = std::thread::Builder::new()
+                .name("keytrail-buffer-close".into())
+                .spawn(move || {
+                    drop(old);
+                    let _ = done_tx.send(());
+                });
+            if done_rx.recv_timeout(std::time::Duration::from_secs(5)).is_err() {
+                tracing::warn!("the failed buffer database is still closing; reopening it later");
+                return false;
+            }
+        }
+        let mut attempt = 0;
+        let reopened = loop {
+            match open_db(&self.dir, self.limits.cache_bytes) {
+                Ok(db) => break Ok(db),
+                Err(e) if e.contains("lock") && attempt < 100 => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                // sled can leave its log unreadable when the disk ran full under it: as at
+                // start, the database is moved aside (its sealed batches kept).
+                Err(e) if e.to_ascii_lowercase().contains("corrupt") && attempt < 1000 => {
+                    attempt = 1000;
+                    if let Err(e) = move_aside(&self.dir, &e) {
+                        break Err(e);
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        }
+        .and_then(|db| {
+            let next_seq = read_next_seq(&db).map_err(|e| e.to_string())?;
+            *self.log_file.lock().expect("log file") =
+                std::fs::OpenOptions::new().write(true).open(self.dir.join("db")).ok();
+            *self.db.write().expect("buffer database") = Some(db);
+            Ok(next_seq)
+        });
+        let next_seq = match reopened {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "reopening the buffer database failed; trying again later");
+                return false;
+            }
+        };
+        self.state.lock().expect("buffer state").next_seq = next_seq;
+        self.durable_seq.store(next_seq, Ordering::Release);
+        match self.recover() {
+            Ok(()) => {
+                self.broken.store(false, Ordering::Release);
+                self.writable.store(true, Ordering::Relaxed);
+                tracing::info!("buffer database reopened after a storage error; taking events again");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the reopened buffer database cannot be written yet; trying again later");
+                false
+            }
+        }
+    }
+
+    /// Whether a storage error is waiting for [`Buffer::heal`].
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// The open database, or the error that closed it.
+    fn db(&self) -> Result<sled::Db, sled::Error> {
+        self.db.read().expect("buffer database").clone().ok_or_else(|| {
+            sled::Error::Io(std::io::Error::other(
+                "the buffer database is closed after a storage error and could not be reopened yet",
+            ))
+        })
     }
 
     /// Starts the writer thread; the returned [`Appender`] is how events get in.
@@ -799,6 +966,13 @@ impl Buffer {
 
     /// Writes every accepted append of `group` as chunks, flushes once, answers everyone.
     fn commit_group(&self, group: &mut Vec<Append>) {
+        if !self.heal() {
+            let message = "the buffer's storage failed (disk full?); retry later";
+            for a in group.drain(..) {
+                let _ = a.reply.send(Err(AppendError::Storage(message.into())));
+            }
+            return;
+        }
         let arrived = now_ns();
         let mut accepted: Vec<Append> = Vec::with_capacity(group.len());
         for a in group.drain(..) {
@@ -841,7 +1015,7 @@ impl Buffer {
             }
             flush_chunk(&mut records, &mut count, &mut st);
         }
-        let applied = self.db.apply_batch(batch);
+        let applied = self.db().and_then(|db| db.apply_batch(batch));
         if applied.is_ok() {
             // In sled's memory now, flushed or not: count it, so the counters match what
             // recovery or the sealer will find.
@@ -862,7 +1036,7 @@ impl Buffer {
                 // Nothing is acknowledged. What was applied may still reach disk with a later
                 // flush and be shipped; clients retry, and events with their own `id` are
                 // deduplicated by the collector.
-                self.writable.store(false, Ordering::Relaxed);
+                self.storage_failed(&e);
                 tracing::error!(error = %e, "buffer write failed: requests answered with an error");
                 self.metrics.errors.add(&["buffer", "write_failed"], 1);
                 for a in accepted {
@@ -875,6 +1049,32 @@ impl Buffer {
     /// Ensures `size` more bytes fit under the cap, dropping the oldest data if the policy
     /// allows. Runs on the writer thread.
     fn make_room(&self, size: u64) -> Result<(), AppendError> {
+        self.make_room_in_cap(size)?;
+        // The file system's own free space: sled does not recover from running out of it
+        // (its log is left unreadable), so appends stop while less than a reserve is free and
+        // sealing, acknowledgements and sled's own housekeeping keep the reserve.
+        let mut dropped = 0;
+        while let Some((free, total)) = disk_space(&self.dir) {
+            let reserve = disk_reserve(total);
+            if free >= reserve.saturating_add(size) {
+                return Ok(());
+            }
+            // Under drop_oldest, deleting sealed batch files frees space at once; sled's own
+            // records only later, so give up after a few.
+            let freed = self.limits.when_full == WhenFull::DropOldest
+                && dropped < 16
+                && self.drop_oldest().map_err(|e| AppendError::Storage(e.to_string()))?;
+            if !freed {
+                self.writable.store(false, Ordering::Relaxed);
+                return Err(AppendError::DiskLow { free, reserve });
+            }
+            dropped += 1;
+        }
+        Ok(())
+    }
+
+    /// The `max_bytes` cap and its policy.
+    fn make_room_in_cap(&self, size: u64) -> Result<(), AppendError> {
         loop {
             let used = self.counts().total_bytes();
             if used + size <= self.limits.max_bytes {
@@ -904,7 +1104,7 @@ impl Buffer {
     fn drop_oldest(&self) -> Result<bool, sled::Error> {
         let _layout = self.layout.lock().expect("buffer layout");
         let in_flight = self.in_flight.load(Ordering::Relaxed);
-        for item in self.db.scan_prefix([S]) {
+        for item in self.db()?.scan_prefix([S]) {
             let (k, v) = item?;
             if key_num(&k) == in_flight {
                 continue;
@@ -912,7 +1112,7 @@ impl Buffer {
             let count = parse_sealed_meta(&v).map_or(0, |m| m.count);
             // The record goes first and durably, so a crash never leaves a record whose file
             // is gone (which recovery would report as corruption).
-            self.db.remove(&k)?;
+            self.db()?.remove(&k)?;
             self.forget_sealed(count as u64, &v);
             self.metrics.discarded.add(&["drop_oldest"], count as u64);
             self.flush()?;
@@ -925,10 +1125,10 @@ impl Buffer {
             self.publish_gauges();
             return Ok(true);
         }
-        if let Some(item) = self.db.scan_prefix([P]).next() {
+        if let Some(item) = self.db()?.scan_prefix([P]).next() {
             let (k, v) = item?;
             let count = parse_chunk(&v).map_or(0, |c| c.count);
-            self.db.remove(&k)?;
+            self.db()?.remove(&k)?;
             let mut st = self.state.lock().expect("buffer state");
             st.counts.pending_events = st.counts.pending_events.saturating_sub(count as u64);
             st.counts.pending_bytes = st.counts.pending_bytes.saturating_sub(v.len() as u64);
@@ -951,7 +1151,8 @@ impl Buffer {
         if c.pending_events >= self.limits.batch_max_events as u64 || c.pending_bytes >= self.limits.batch_max_bytes {
             return true;
         }
-        let oldest = self.db.scan_prefix([P]).values().next().and_then(Result::ok);
+        let Ok(db) = self.db() else { return false };
+        let oldest = db.scan_prefix([P]).values().next().and_then(Result::ok);
         match oldest.as_deref().and_then(parse_chunk) {
             Some(c) => now_ns().saturating_sub(c.arrived) >= timeout.as_nanos() as i64,
             None => true,
@@ -971,7 +1172,7 @@ impl Buffer {
         let mut removed_events = 0u64;
         let mut removed_bytes = 0u64;
         let mut corrupt = Vec::new();
-        for item in self.db.scan_prefix([P]) {
+        for item in self.db()?.scan_prefix([P]) {
             let (k, v) = item?;
             let Some(chunk) = parse_chunk(&v) else {
                 corrupt.push((k, v));
@@ -1050,7 +1251,7 @@ impl Buffer {
         };
         batch.insert(&key(S, seq), sealed_meta_record(meta));
         batch.insert(META_NEXT_SEQ, &(seq + 1).to_be_bytes());
-        self.db.apply_batch(batch)?;
+        self.db()?.apply_batch(batch)?;
         // sled now holds the new state in memory: account for it before flushing, so a failed
         // flush cannot make the next seal reuse this sequence (and overwrite this file). Only
         // `durable_seq`, which gates sending, waits for the flush.
@@ -1078,7 +1279,7 @@ impl Buffer {
         // batch between the two (its events would count as both dropped and delivered).
         let _layout = self.layout.lock().expect("buffer layout");
         loop {
-            let Some(item) = self.db.scan_prefix([S]).next() else {
+            let Some(item) = self.db()?.scan_prefix([S]).next() else {
                 return Ok(None);
             };
             let (k, v) = item?;
@@ -1121,7 +1322,7 @@ impl Buffer {
     pub fn ack(&self, batch: &SealedBatch) -> Result<(), BufferError> {
         let _layout = self.layout.lock().expect("buffer layout");
         self.in_flight.store(u64::MAX, Ordering::Relaxed);
-        if let Some(v) = self.db.remove(key(S, batch.seq.0))? {
+        if let Some(v) = self.db()?.remove(key(S, batch.seq.0))? {
             self.forget_sealed(batch.events as u64, &v);
             self.flush()?;
             let _ = std::fs::remove_file(self.sealed_path(batch.seq.0));
@@ -1136,7 +1337,7 @@ impl Buffer {
         let _layout = self.layout.lock().expect("buffer layout");
         self.in_flight.store(u64::MAX, Ordering::Relaxed);
         let k = key(S, batch.seq.0);
-        let Some(v) = self.db.get(k)? else {
+        let Some(v) = self.db()?.get(k)? else {
             return Ok(());
         };
         let dead = dead_record(batch.events, reason, &batch.frame);
@@ -1144,7 +1345,7 @@ impl Buffer {
         let mut b = sled::Batch::default();
         b.remove(&k);
         b.insert(&key(D, batch.seq.0), dead);
-        self.db.apply_batch(b)?;
+        self.db()?.apply_batch(b)?;
         self.forget_sealed(batch.events as u64, &v);
         {
             let mut st = self.state.lock().expect("buffer state");
@@ -1155,12 +1356,12 @@ impl Buffer {
         let _ = std::fs::remove_file(self.sealed_path(batch.seq.0));
         // Dead letters may use a tenth of the cap; the oldest go first.
         while self.counts().dead_bytes > self.limits.max_bytes / 10 {
-            let Some(item) = self.db.scan_prefix([D]).next() else {
+            let Some(item) = self.db()?.scan_prefix([D]).next() else {
                 break;
             };
             let (k, v) = item?;
             let count = parse_dead(&v).map_or(0, |d| d.count);
-            self.db.remove(&k)?;
+            self.db()?.remove(&k)?;
             let mut st = self.state.lock().expect("buffer state");
             st.counts.dead_batches = st.counts.dead_batches.saturating_sub(1);
             st.counts.dead_bytes = st.counts.dead_bytes.saturating_sub(v.len() as u64);
@@ -1184,8 +1385,8 @@ impl Buffer {
 
     /// The most recent dead letters, newest first.
     pub fn dead_letters(&self, limit: usize) -> Vec<DeadLetterInfo> {
-        self.db
-            .scan_prefix([D])
+        let Ok(db) = self.db() else { return Vec::new() };
+        db.scan_prefix([D])
             .rev()
             .filter_map(Result::ok)
             .take(limit)
@@ -1485,13 +1686,13 @@ mod tests {
             let mut r = chunk_record(n, 1, &recs);
             let last = r.len() - 1;
             r[last] ^= 0xff;
-            b.db.insert(key(P, 0), r).unwrap();
-            b.db.flush().unwrap();
+            b.db().unwrap().insert(key(P, 0), r).unwrap();
+            b.db().unwrap().flush().unwrap();
         }
         let b = Buffer::open(&dir, None, limits(64 << 20, WhenFull::Reject, 1000), metrics.clone()).unwrap();
         assert_eq!(b.counts().pending_events, 0);
         assert_eq!(metrics.discarded.get(&["corrupt"]), 4);
-        assert_eq!(b.db.scan_prefix([Q]).count(), 1);
+        assert_eq!(b.db().unwrap().scan_prefix([Q]).count(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1581,6 +1782,36 @@ mod tests {
         let want: Vec<String> = (0..30).map(|i| event(i).id).collect();
         assert_eq!(ids, want);
         drop(b);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_storage_error_the_database_is_reopened_with_everything_in_it() {
+        let dir = tmp("heal");
+        let b = Buffer::open(&dir, Some("a"), limits(64 << 20, WhenFull::Reject, 10), Arc::default()).unwrap();
+        let app = b.start_writer();
+        let (recs, n) = records(0..25);
+        app.append(recs, n).await.unwrap();
+        b.seal_one().unwrap().unwrap();
+        // What a full disk does to sled: an I/O error, after which it refuses everything.
+        b.storage_failed(&sled::Error::Io(std::io::Error::other("No space left on device")));
+        assert!(b.is_broken() && !b.is_writable());
+        // Right after the error, appends are refused at once (a reopen is tried at most once
+        // per HEAL_EVERY; the first one happens with this append).
+        *b.last_heal.lock().unwrap() = Some(std::time::Instant::now());
+        let (recs, n) = records(25..30);
+        assert!(matches!(app.append(recs, n).await, Err(AppendError::Storage(_))));
+        *b.last_heal.lock().unwrap() = None;
+        assert!(b.heal(), "reopened");
+        assert!(!b.is_broken() && b.is_writable());
+        let c = b.counts();
+        assert_eq!((c.sealed_events, c.pending_events), (10, 15));
+        let (recs, n) = records(25..30);
+        app.append(recs, n).await.unwrap();
+        let mut ids = drain_ids(&b);
+        ids.sort();
+        assert_eq!(ids, (0..30).map(|i| event(i).id).collect::<Vec<_>>());
+        shut(b, app);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -353,6 +353,17 @@ async fn post_events(api: &Arc<Api>, req: Request<Incoming>) -> Resp {
                 .insert(header::RETRY_AFTER, http::HeaderValue::from_static(RETRY_AFTER_FULL));
             r
         }
+        Err(e @ AppendError::DiskLow { .. }) => {
+            api.metrics.errors.add(&["ingest", "disk_low"], 1);
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "disk_low",
+                &format!("{e}; retry later"),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, http::HeaderValue::from_static(RETRY_AFTER_FULL));
+            r
+        }
         Err(e) => {
             api.metrics.errors.add(&["ingest", "buffer_unavailable"], 1);
             let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "buffer_unavailable", &e.to_string());

@@ -380,6 +380,12 @@ pub async fn run_sealer(buffer: Arc<Buffer>, timeout: Duration, shutdown: tokio:
             buffer.sealer_running(false);
             return;
         }
+        // After a storage error the database is reopened from here too, so the buffer comes
+        // back when there is room again even while no events arrive.
+        if buffer.is_broken() {
+            let b = Arc::clone(&buffer);
+            let _ = tokio::task::spawn_blocking(move || b.heal()).await;
+        }
         if buffer.seal_due(timeout) {
             let b = Arc::clone(&buffer);
             match tokio::task::spawn_blocking(move || b.seal_one()).await {

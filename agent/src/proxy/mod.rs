@@ -773,7 +773,7 @@ pub async fn run_recorder(
                 metrics.received.add(count as u64);
                 metrics.proxy_recorded.add(count as u64);
             }
-            Err(AppendError::Full { .. }) => {
+            Err(AppendError::Full { .. } | AppendError::DiskLow { .. }) => {
                 // Also a buffer drop (contract: "proxy traffic still flows, drops are counted").
                 metrics.proxy_unrecorded.add(&["buffer_full"], count as u64);
                 metrics.discarded.add(&["proxy_buffer_full"], count as u64);
