@@ -147,7 +147,7 @@ pub struct BufferLimits {
 pub enum AppendError {
     #[error("buffer full: {buffered} of {max} bytes used")]
     Full { buffered: u64, max: u64 },
-    #[error("the disk holding the buffer has {free} bytes free, less than the {reserve} bytes kept in reserve")]
+    #[error("the disk holding the buffer is nearly full: {free} bytes free, {reserve} kept in reserve")]
     DiskLow { free: u64, reserve: u64 },
     #[error("buffer write failed: {0}")]
     Storage(String),
@@ -387,29 +387,6 @@ fn dead_record(count: u32, reason: &str, frame: &[u8]) -> Vec<u8> {
     body.extend_from_slice(reason);
     body.extend_from_slice(frame);
     record(&body)
-}
-
-/// Free bytes (for unprivileged users) and total bytes of the file system holding `dir`.
-fn disk_space(dir: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs writes into the zeroed struct we own; `path` is a valid C string.
-    #[allow(unsafe_code)]
-    let st = unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(path.as_ptr(), &mut st) != 0 {
-            return None;
-        }
-        st
-    };
-    let unit = st.f_frsize as u64;
-    Some((st.f_bavail as u64 * unit, st.f_blocks as u64 * unit))
-}
-
-/// Free space kept on the buffer's file system: a twentieth of it, at least 8 MiB (two of the
-/// largest chunks a group commit writes) and at most 256 MiB.
-fn disk_reserve(total: u64) -> u64 {
-    (total / 20).clamp(8 << 20, 256 << 20)
 }
 
 /// `m.next_seq`, created for a new database (see the module doc for why it starts at the
@@ -1054,11 +1031,7 @@ impl Buffer {
         // (its log is left unreadable), so appends stop while less than a reserve is free and
         // sealing, acknowledgements and sled's own housekeeping keep the reserve.
         let mut dropped = 0;
-        while let Some((free, total)) = disk_space(&self.dir) {
-            let reserve = disk_reserve(total);
-            if free >= reserve.saturating_add(size) {
-                return Ok(());
-            }
+        while let Some((free, reserve)) = keytrail_common::disk::low(&self.dir, size) {
             // Under drop_oldest, deleting sealed batch files frees space at once; sled's own
             // records only later, so give up after a few.
             let freed = self.limits.when_full == WhenFull::DropOldest

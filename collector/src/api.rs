@@ -89,7 +89,13 @@ async fn route(api: &Api, req: Request<Incoming>) -> Result<Resp, ApiError> {
         return Ok(json(&serde_json::json!({"status": "ok"})));
     }
     if req.method() == Method::GET && path == "/readyz" {
-        return if api.store.is_writable() {
+        return if let Some((free, reserve)) = api.store.disk_low(0) {
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                format!("the data directory's disk is nearly full: {free} bytes free, {reserve} kept in reserve"),
+            ))
+        } else if api.store.is_writable() {
             Ok(json(&serde_json::json!({"ready": true})))
         } else {
             Err(ApiError::new(

@@ -37,6 +37,8 @@ pub struct Receiver {
     pub limits: DecodeLimits,
     /// Whether agents authenticate with a certificate (their id is its CN).
     pub mtls: bool,
+    /// The data directory: batches wait while its disk is nearly full.
+    pub data_dir: std::path::PathBuf,
     pub metrics: Arc<CollectorMetrics>,
 }
 
@@ -194,6 +196,16 @@ async fn receive(
     };
     // Cheap checks first: who is this, before spending CPU on decompression.
     let header = wire::read_header(&body, &r.limits)?;
+    // Room to store it (the events log and sled, with margin for the decompressed size):
+    // otherwise the agent keeps the batch and retries.
+    let room = (header.uncompressed_len as u64).saturating_mul(2);
+    if let Some((free, reserve)) = keytrail_common::disk::low(&r.data_dir, room) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "disk_low",
+            format!("the collector's disk is nearly full: {free} bytes free, {reserve} kept in reserve; retry later"),
+        ));
+    }
     if let Some(id) = identity {
         if id != header.agent_id {
             return Err(ApiError::new(

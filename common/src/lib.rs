@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod config;
+pub mod disk;
 pub mod event;
 pub mod fingerprint;
 pub mod logging;

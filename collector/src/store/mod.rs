@@ -648,6 +648,12 @@ impl Store {
         self.writable.load(Ordering::Relaxed)
     }
 
+    /// `Some((free, reserve))` while storing `size` more bytes would eat into the free space
+    /// kept on the data directory's file system (`common::disk`).
+    pub fn disk_low(&self, size: u64) -> Option<(u64, u64)> {
+        keytrail_common::disk::low(&self.dir, size)
+    }
+
     /// `(name, value)` for every counter of `/v1/stats`.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         let t = self.visible.lock().expect("totals");
