@@ -600,6 +600,18 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 /// Posts raw bytes to the collector's receive port over TLS as the given agent (certificate
 /// and key from the sandbox PKI), like an agent would; returns status and body.
 pub fn post_batch_as(sb: &Sandbox, collector: &Collector, agent: Option<&str>, body: &[u8]) -> Option<(u16, String)> {
+    receive_request_as(sb, collector, agent, "POST /v1/batches HTTP/1.1", body)
+}
+
+/// Any request to the collector's receive port over TLS as the given agent; `request_line` is
+/// e.g. `GET /v1/ping HTTP/1.1`.
+pub fn receive_request_as(
+    sb: &Sandbox,
+    collector: &Collector,
+    agent: Option<&str>,
+    request_line: &str,
+    body: &[u8],
+) -> Option<(u16, String)> {
     keytrail_common::tls::install_crypto_provider();
     let ca = sb.pki.join("ca.crt");
     let pair = agent.map(|a| (sb.pki.join(format!("{a}.crt")), sb.pki.join(format!("{a}.key"))));
@@ -611,7 +623,7 @@ pub fn post_batch_as(sb: &Sandbox, collector: &Collector, agent: Option<&str>, b
     tcp.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     let head = format!(
-        "POST /v1/batches HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/x-keytrail-batch\r\nContent-Length: {}\r\n\r\n",
+        "{request_line}\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/x-keytrail-batch\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     tls.write_all(head.as_bytes()).ok()?;

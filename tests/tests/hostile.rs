@@ -61,6 +61,12 @@ fn the_agent_refuses_bad_bodies_clearly_and_keeps_working() {
             415,
         ),
         ("a body over 10 MiB", vec![b' '; (10 << 20) + 1], json, 413),
+        (
+            "more tiny events than a request may hold",
+            "{\"type\":\"payment.failed\"}\n".repeat(200_001).into_bytes(),
+            "application/x-ndjson",
+            400,
+        ),
     ];
     for (what, body, ct, want) in cases {
         let (status, answer) = post(&agent, ct, &body);
@@ -119,6 +125,10 @@ fn frame(agent: &str, seq: u64, ids: &[&str]) -> Vec<u8> {
 fn the_collector_refuses_bad_batches_clearly_and_keeps_working() {
     let sb = Sandbox::new("hostile-collector");
     let collector = Collector::start(&sb, CollectorOpts::default());
+    // A slow client on the receive port: a few bytes of a TLS hello, then nothing.
+    let mut slow = std::net::TcpStream::connect(collector.receive).unwrap();
+    slow.write_all(&[0x16, 0x03, 0x01]).unwrap();
+    let slow_since = std::time::Instant::now();
     let good = frame("agent-a", 1, &["g-1", "g-2"]);
     assert_eq!(post_batch_as(&sb, &collector, Some("agent-a"), &good).unwrap().0, 200);
 
@@ -143,8 +153,48 @@ fn the_collector_refuses_bad_batches_clearly_and_keeps_working() {
         let crc = crc32(&bomb);
         bomb.extend_from_slice(&crc.to_be_bytes());
     }
+    // A frame whose header lies, with a checksum that matches the lie.
+    let lying = |at: usize, value: &[u8]| {
+        let mut f = frame("agent-a", 40 + at as u64, &["lie-1", "lie-2"]);
+        f[at..at + value.len()].copy_from_slice(value);
+        let n = f.len() - 4;
+        let crc = crc32(&f[..n]);
+        f[n..].copy_from_slice(&crc.to_be_bytes());
+        f
+    };
     let cases: Vec<(&str, Option<&str>, Vec<u8>, u16)> = vec![
         ("garbage", Some("agent-a"), b"hello, collector".to_vec(), 400),
+        (
+            "an unknown wire version",
+            Some("agent-a"),
+            lying(4, &99u16.to_be_bytes()),
+            400,
+        ),
+        (
+            "an event count that lies",
+            Some("agent-a"),
+            lying(16, &7u32.to_be_bytes()),
+            400,
+        ),
+        (
+            "an uncompressed length that lies",
+            Some("agent-a"),
+            lying(20, &3u32.to_be_bytes()),
+            400,
+        ),
+        (
+            "a compressed length that lies",
+            Some("agent-a"),
+            lying(24, &1u32.to_be_bytes()),
+            400,
+        ),
+        (
+            "an agent id length that lies",
+            Some("agent-a"),
+            lying(28, &300u16.to_be_bytes()),
+            400,
+        ),
+        ("an empty body", Some("agent-a"), Vec::new(), 400),
         ("a flipped byte", Some("agent-a"), corrupted, 400),
         ("a zstd bomb", Some("agent-a"), bomb, 413),
         // Regression: the collector used to answer 413 and close while the agent was still
@@ -164,6 +214,21 @@ fn the_collector_refuses_bad_batches_clearly_and_keeps_working() {
         let v: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
         assert!(v["error"]["message"].is_string(), "{what}: {answer}");
     }
+    // A resend of a stored batch is acknowledged and counted once.
+    assert_eq!(post_batch_as(&sb, &collector, Some("agent-a"), &good).unwrap().0, 200);
+    // Wrong method, wrong route, wrong content: clear errors too.
+    assert_eq!(
+        receive_request_as(&sb, &collector, Some("agent-a"), "GET /v1/batches HTTP/1.1", b"")
+            .unwrap()
+            .0,
+        405
+    );
+    assert_eq!(
+        receive_request_as(&sb, &collector, Some("agent-a"), "POST /v1/other HTTP/1.1", b"")
+            .unwrap()
+            .0,
+        404
+    );
     // No certificate at all: the handshake is refused.
     assert!(post_batch_as(&sb, &collector, None, &good).is_none_or(|(s, _)| s != 200));
     // Still up; only the good batch's events exist.
@@ -171,6 +236,14 @@ fn the_collector_refuses_bad_batches_clearly_and_keeps_working() {
     assert_eq!(post_batch_as(&sb, &collector, Some("agent-a"), &g2).unwrap().0, 200);
     let stats = collector.stats();
     assert_eq!(stats["events_stored"], 3, "{stats}");
+    // The slow client was cut off (the handshake has a deadline) while all that was served.
+    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    assert!(
+        slow_since.elapsed() < Duration::from_secs(25),
+        "a slow handshake is closed"
+    );
     assert_eq!(stats["agents"].as_array().unwrap().len(), 1, "{stats}");
 }
 
