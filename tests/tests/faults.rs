@@ -296,3 +296,97 @@ fn list_event_ids(collector: &Collector) -> Vec<String> {
         }
     }
 }
+
+/// Resident set size of a process, KiB (`VmRSS`).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A long collector outage: the agent keeps taking events into a backlog far larger than its
+/// memory, its memory stays flat, readiness is red during and green after, and on recovery
+/// every event arrives, oldest first. Quick: 200,000 events; `KT_SOAK=1`: `KT_OUTAGE_EVENTS`
+/// (default 5,000,000).
+#[test]
+fn a_long_outage_keeps_memory_flat_and_delivers_everything_oldest_first() {
+    let total: u64 = if std::env::var_os("KT_SOAK").is_some() {
+        env_u64("KT_OUTAGE_EVENTS").unwrap_or(5_000_000)
+    } else {
+        200_000
+    };
+    let sb = Sandbox::new("long-outage");
+    let mut collector = Collector::start(&sb, CollectorOpts::default());
+    let mut opts = AgentOpts::new(&sb, "agent-a");
+    opts.max_bytes = "4GiB".into();
+    let agent = Agent::start(&sb, &collector.url(), opts);
+    agent.wait_ready(200, Duration::from_secs(60));
+    collector.proc.kill9();
+    let pid = agent.proc.child.as_ref().unwrap().id();
+    let per_request = 2_000u64;
+    let mut rss_at_tenth = 0;
+    let mut rss_peak = 0;
+    let mut n = 0u64;
+    while n < total {
+        // All at one time, so the collector's newest-first listing is its store order reversed.
+        let lines: Vec<String> = (n..n + per_request)
+            .map(|i| validation(&format!("o-{i}"), &format!("lic-{}", i % 5000)))
+            .collect();
+        agent.post_until_accepted(&lines, Duration::from_secs(60));
+        n += per_request;
+        let rss = rss_kib(pid);
+        rss_peak = rss_peak.max(rss);
+        if rss_at_tenth == 0 && n >= total / 10 {
+            rss_at_tenth = rss;
+        }
+    }
+    let red = agent.wait_ready(503, Duration::from_secs(60));
+    let (_, status) = agent.get_json("/v1/status");
+    assert_eq!(status["buffered_events"].as_u64(), Some(total), "{status}");
+    let buffered_bytes = status["buffered_bytes"].as_u64().unwrap();
+    eprintln!(
+        "outage: {total} events buffered ({buffered_bytes} bytes); agent RSS at a tenth {} MiB, peak {} MiB; readiness {red}",
+        rss_at_tenth >> 10,
+        rss_peak >> 10
+    );
+    // Flat: the last nine tenths of the backlog add less than 24 MiB of resident memory.
+    assert!(
+        rss_peak < rss_at_tenth + 24 * 1024,
+        "agent memory grew with the backlog: {} MiB at a tenth, {} MiB peak",
+        rss_at_tenth >> 10,
+        rss_peak >> 10
+    );
+    collector.restart();
+    collector.wait_stored(total, Duration::from_secs(600), Some(&agent));
+    agent.wait_ready(200, Duration::from_secs(60));
+    // Oldest first: the store order is the order the events were posted in.
+    let mut order = Vec::with_capacity(total as usize);
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/events?limit=1000&cursor={c}"),
+            None => "/v1/events?limit=1000".to_string(),
+        };
+        let (status, body) = http(collector.api, "GET", &path, &[], b"").unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        for e in v["events"].as_array().unwrap() {
+            let id = e["id"].as_str().unwrap();
+            order.push(id.trim_start_matches("o-").parse::<u64>().unwrap());
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    order.reverse();
+    assert_eq!(order.len() as u64, total);
+    assert!(
+        order.iter().enumerate().all(|(i, v)| *v == i as u64),
+        "events did not arrive oldest first"
+    );
+}
