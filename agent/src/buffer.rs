@@ -244,6 +244,10 @@ pub struct Buffer {
     broken: AtomicBool,
     /// When [`Buffer::heal`] last tried.
     last_heal: Mutex<Option<std::time::Instant>>,
+    /// Failed reopens in a row.
+    heal_failures: std::sync::atomic::AtomicU32,
+    /// Group commits hold it for reading, [`Buffer::heal`] for writing.
+    heal_lock: std::sync::RwLock<()>,
 }
 
 fn key(prefix: u8, n: u64) -> [u8; 9] {
@@ -318,6 +322,13 @@ fn parse_sealed(r: &[u8]) -> Option<Sealed<'_>> {
         count: be_u32(b, 0),
         frame: &b[20..],
     })
+}
+
+/// What recovery does with a batch file that has no readable record ([`Buffer::orphan_verdict`]).
+enum Orphan {
+    Adopt(SealedMeta),
+    Delete,
+    Unreadable { events: u64 },
 }
 
 /// What sled keeps of a sealed batch; the frame itself lives in `sealed/<seq>.batch`.
@@ -529,6 +540,8 @@ impl Buffer {
             sealer_active: AtomicBool::new(false),
             broken: AtomicBool::new(false),
             last_heal: Mutex::new(None),
+            heal_failures: std::sync::atomic::AtomicU32::new(0),
+            heal_lock: std::sync::RwLock::new(()),
         };
         buffer.recover()?;
         Ok(Arc::new(buffer))
@@ -551,14 +564,21 @@ impl Buffer {
             }
         }
         let mut known = std::collections::HashSet::new();
+        // `s` records that are damaged while their file is there: the file is judged like an
+        // orphan (it is self-contained and checksummed), and its verdict replaces the record.
+        let mut damaged_records = std::collections::HashMap::new();
         for item in self.db()?.scan_prefix([S]) {
             let (k, v) = item?;
+            let exists = self.sealed_path(key_num(&k)).exists();
             match parse_sealed_meta(&v) {
-                Some(m) if self.sealed_path(key_num(&k)).exists() => {
+                Some(m) if exists => {
                     known.insert(key_num(&k));
                     counts.sealed_events += m.count as u64;
                     counts.sealed_bytes += m.file_len;
                     counts.sealed_batches += 1;
+                }
+                None if exists => {
+                    damaged_records.insert(key_num(&k), (k, v));
                 }
                 _ => bad.push((k, v)),
             }
@@ -592,15 +612,17 @@ impl Buffer {
         orphans.sort();
         let mut adopted = sled::Batch::default();
         let mut next_seq = self.state.lock().expect("buffer state").next_seq;
-        let mut pending_ids: Option<Vec<String>> = None;
+        let mut pending_ids: Option<std::collections::HashSet<String>> = None;
+        let mut unreadable_events = 0u64;
         for (seq, path) in orphans {
             let bytes = std::fs::read(&path).unwrap_or_default();
-            let pending = pending_ids.get_or_insert_with(|| self.oldest_pending_ids());
-            match self.orphan_verdict(seq, &bytes, next_seq, &dead, pending) {
-                Some(meta) => {
+            let record = damaged_records.remove(&seq);
+            let pending = pending_ids.get_or_insert_with(|| self.pending_ids());
+            match self.orphan_verdict(seq, &path, &bytes, next_seq, &dead, pending) {
+                Orphan::Adopt(meta) => {
                     tracing::warn!(
                         seq, events = meta.count,
-                        "a sealed batch file had no record in the database (lost to damage, or its acknowledgement was cut short): adopted, it will be sent; the collector drops it if it already has it"
+                        "a sealed batch file had no readable record in the database (lost to damage, or its acknowledgement was cut short): adopted, it will be sent; the collector drops it if it already has it"
                     );
                     adopted.insert(&key(S, seq), sealed_meta_record(meta));
                     counts.sealed_events += meta.count as u64;
@@ -608,10 +630,26 @@ impl Buffer {
                     counts.sealed_batches += 1;
                     next_seq = next_seq.max(seq + 1);
                 }
-                None => {
+                Orphan::Delete => {
                     let _ = std::fs::remove_file(&path);
+                    if let Some((k, _)) = record {
+                        adopted.remove(k);
+                    }
+                }
+                Orphan::Unreadable { events } => {
+                    let _ = std::fs::rename(&path, path.with_extension("corrupt"));
+                    tracing::error!(seq, events, file = %path.with_extension("corrupt").display(),
+                        "a sealed batch file cannot be read: moved aside, its events are counted as dropped");
+                    unreadable_events += events;
+                    // The file is kept for inspection; its damaged record goes.
+                    if let Some((k, _)) = record {
+                        adopted.remove(k);
+                    }
                 }
             }
+        }
+        if unreadable_events > 0 {
+            self.metrics.discarded.add(&["corrupt"], unreadable_events);
         }
         adopted.insert(META_NEXT_SEQ, &next_seq.to_be_bytes());
         self.db()?.apply_batch(adopted)?;
@@ -638,67 +676,100 @@ impl Buffer {
         Ok(())
     }
 
-    /// The ids of the oldest pending events, in order, as far as the chunks decode.
-    fn oldest_pending_ids(&self) -> Vec<String> {
-        let mut ids = Vec::new();
+    /// The ids of every pending event, as far as the chunks decode (recovery only, and only
+    /// when a batch file may overlap them).
+    fn pending_ids(&self) -> std::collections::HashSet<String> {
+        let mut ids = std::collections::HashSet::new();
         let Ok(db) = self.db() else { return ids };
         for (_, v) in db.scan_prefix([P]).flatten() {
-            let Some(chunk) = parse_chunk(&v) else { break };
-            match wire::decode_payload(chunk.records, &self.agent_id, chunk.count) {
-                Ok(events) => ids.extend(events.into_iter().map(|e| e.id)),
-                Err(_) => break,
-            }
-            if ids.len() >= 4 * self.limits.batch_max_events as usize {
-                break;
+            let Some(chunk) = parse_chunk(&v) else { continue };
+            if let Ok(events) = wire::decode_payload(chunk.records, &self.agent_id, chunk.count) {
+                ids.extend(events.into_iter().map(|e| e.id));
             }
         }
         ids
     }
 
-    /// What to do with a sealed batch file that has no `s` record. Three crashes or damages
-    /// leave one:
+    /// What to do with a sealed batch file that has no readable `s` record. Crashes and
+    /// damage leave such files in three ways:
     /// - a seal cut off between writing the file and committing its record: its sequence was
-    ///   never sent and its events are still the oldest pending ones → delete it (`None`);
+    ///   never sent, and its events are still pending (all of them, or the durable part when
+    ///   the chunks it took were not flushed yet);
     /// - an acknowledgement or dead-lettering cut off between removing the record and deleting
-    ///   the file: the collector has the batch (or `d` holds it) → sending it again is
-    ///   harmless, the collector answers 200 for a batch it has;
+    ///   the file: the collector has the batch (or `d` holds it);
     /// - sled lost the record (its log damaged and recovered to an earlier state): the file
-    ///   may be the only copy of its events → it must be sent.
+    ///   may be the only copy of its events.
     ///
-    /// The last two cannot be told apart, so a readable file is adopted unless it is a
-    /// dead letter or a seal that never committed; at worst one batch is sent twice and
-    /// deduplicated. An unreadable file has nothing to send.
+    /// So: a dead letter's file, or a file whose events are all still pending, is deleted. A
+    /// file that overlaps the pending events is rewritten with only the events that are not
+    /// pending (never twice in the buffer), then adopted. Any other
+    /// readable file is adopted and sent; at worst the collector gets a batch it already has
+    /// and acknowledges it as a duplicate. A file that cannot be read is moved aside and its
+    /// events (when its header can be read) counted as dropped.
     fn orphan_verdict(
         &self,
         seq: u64,
+        path: &Path,
         bytes: &[u8],
         next_seq: u64,
         dead: &std::collections::HashSet<u64>,
-        pending_ids: &[String],
-    ) -> Option<SealedMeta> {
+        pending: &std::collections::HashSet<String>,
+    ) -> Orphan {
         if dead.contains(&seq) {
-            return None;
+            return Orphan::Delete;
         }
-        let sealed = parse_sealed(bytes)?;
-        let body = open_record(bytes, 20)?;
+        let (Some(sealed), Some(body)) = (parse_sealed(bytes), open_record(bytes, 20)) else {
+            return Orphan::Unreadable { events: 0 };
+        };
         let limits = wire::DecodeLimits {
             max_frame_bytes: sealed.frame.len(),
-            max_uncompressed_bytes: (self.limits.batch_max_bytes as usize).saturating_mul(2) + (1 << 20),
+            max_uncompressed_bytes: wire::DecodeLimits::default()
+                .max_uncompressed_bytes
+                .max((self.limits.batch_max_bytes as usize).saturating_mul(2)),
             max_events: sealed.count,
         };
-        let batch = wire::decode_frame(sealed.frame, &limits).ok()?;
-        if batch.header.seq.0 != seq || batch.events.len() != sealed.count as usize {
-            return None;
+        let batch = match wire::decode_frame(sealed.frame, &limits) {
+            Ok(b) if b.header.seq.0 == seq && b.events.len() == sealed.count as usize => b,
+            _ => {
+                return Orphan::Unreadable {
+                    events: sealed.count as u64,
+                }
+            }
+        };
+        let first_arrived = be_i64(body, 12);
+        let _ = next_seq;
+        {
+            let still = batch.events.iter().filter(|e| pending.contains(&e.id)).count();
+            if still == batch.events.len() {
+                return Orphan::Delete;
+            }
+            if still > 0 {
+                let mut payload = Vec::new();
+                let mut n = 0u32;
+                for e in batch.events.iter().filter(|e| !pending.contains(&e.id)) {
+                    wire::append_event(e, &mut payload);
+                    n += 1;
+                }
+                let frame = wire::seal_frame(&self.agent_id, BatchSeq(seq), n, &payload, self.limits.zstd_level);
+                let mut body = Vec::with_capacity(20 + frame.len());
+                body.extend_from_slice(&n.to_be_bytes());
+                body.extend_from_slice(&now_ns().to_be_bytes());
+                body.extend_from_slice(&first_arrived.to_be_bytes());
+                body.extend_from_slice(&frame);
+                let rewritten = record(&body);
+                if write_file_durably(path, &rewritten).is_err() {
+                    return Orphan::Unreadable { events: n as u64 };
+                }
+                return Orphan::Adopt(SealedMeta {
+                    count: n,
+                    first_arrived,
+                    file_len: rewritten.len() as u64,
+                });
+            }
         }
-        let never_committed = seq >= next_seq
-            && pending_ids.len() >= batch.events.len()
-            && batch.events.iter().zip(pending_ids).all(|(e, id)| &e.id == id);
-        if never_committed {
-            return None;
-        }
-        Some(SealedMeta {
+        Orphan::Adopt(SealedMeta {
             count: sealed.count,
-            first_arrived: be_i64(body, 12),
+            first_arrived,
             file_len: bytes.len() as u64,
         })
     }
@@ -719,8 +790,8 @@ impl Buffer {
         let mut b = sled::Batch::default();
         b.remove(k);
         b.insert(&key(Q, n), v);
-        self.db()?.apply_batch(b)?;
-        self.db()?.flush()?;
+        self.watch(self.db().and_then(|db| db.apply_batch(b)))?;
+        self.flush()?;
         if k[0] == S {
             let path = self.sealed_path(key_num(k));
             let _ = std::fs::rename(&path, path.with_extension("corrupt"));
@@ -743,9 +814,12 @@ impl Buffer {
         self.state.lock().expect("buffer state").counts.clone()
     }
 
-    /// Whether the last write succeeded (readiness).
+    /// Whether appends can succeed (readiness): the last write worked, no storage error waits
+    /// for a reopen, and the disk has room beyond its reserve.
     pub fn is_writable(&self) -> bool {
         self.writable.load(Ordering::Relaxed)
+            && !self.broken.load(Ordering::Acquire)
+            && keytrail_common::disk::low(&self.dir, 0).is_none()
     }
 
     /// Arrival time of the oldest buffered (unsent) event.
@@ -784,6 +858,23 @@ impl Buffer {
         flushed
     }
 
+    /// Passes a sled result through, recording an error as a storage failure (so the
+    /// database gets reopened).
+    fn watch<T>(&self, r: Result<T, sled::Error>) -> Result<T, sled::Error> {
+        if let Err(e) = &r {
+            self.storage_failed(e);
+        }
+        r
+    }
+
+    /// The same for buffer results: a sled error among them is a storage failure.
+    fn watch_buffer<T>(&self, r: Result<T, BufferError>) -> Result<T, BufferError> {
+        if let Err(BufferError::Storage(e)) = &r {
+            self.storage_failed(e);
+        }
+        r
+    }
+
     /// Records a storage error: sled 0.34 keeps the first I/O error of its log writer and
     /// returns it from every later operation until the database is opened again, so a full
     /// disk would otherwise stop the buffer for good. [`Buffer::heal`] reopens it.
@@ -810,7 +901,17 @@ impl Buffer {
             }
             *last = Some(std::time::Instant::now());
         }
+        // While the disk is still nearly full a reopen would only fail again (and sled may
+        // leave its log unreadable when it runs out of space mid-write).
+        if keytrail_common::disk::low(&self.dir, 0).is_some() {
+            return false;
+        }
+        // Exclusive: no group commit runs meanwhile, nor a second heal.
+        let _writers = self.heal_lock.write().expect("heal lock");
         let _layout = self.layout.lock().expect("buffer layout");
+        if !self.broken.load(Ordering::Acquire) {
+            return true;
+        }
         // Closing a sled database whose log writer failed can take long (it tries to flush):
         // take it out (readers get an error meanwhile, not a hang), close it on a thread of
         // its own and wait a little. Other threads may still hold a clone for an operation in
@@ -839,8 +940,13 @@ impl Buffer {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
                 // sled can leave its log unreadable when the disk ran full under it: as at
-                // start, the database is moved aside (its sealed batches kept).
-                Err(e) if e.to_ascii_lowercase().contains("corrupt") && attempt < 1000 => {
+                // start, the database is moved aside (its sealed batches kept). Other errors
+                // (a panic inside sled) get the same after a few tries with room on the disk.
+                Err(e)
+                    if attempt < 1000
+                        && (e.to_ascii_lowercase().contains("corrupt")
+                            || self.heal_failures.fetch_add(1, Ordering::Relaxed) >= 3) =>
+                {
                     attempt = 1000;
                     if let Err(e) = move_aside(&self.dir, &e) {
                         break Err(e);
@@ -851,6 +957,13 @@ impl Buffer {
         }
         .and_then(|db| {
             let next_seq = read_next_seq(&db).map_err(|e| e.to_string())?;
+            // A fresh database (moved aside) starts with the identity it had.
+            db.insert(META_AGENT_ID, self.agent_id.as_bytes())
+                .map_err(|e| e.to_string())?;
+            if db.get(META_FORMAT).map_err(|e| e.to_string())?.is_none() {
+                db.insert(META_FORMAT, &FORMAT.to_be_bytes())
+                    .map_err(|e| e.to_string())?;
+            }
             *self.log_file.lock().expect("log file") =
                 std::fs::OpenOptions::new().write(true).open(self.dir.join("db")).ok();
             *self.db.write().expect("buffer database") = Some(db);
@@ -863,10 +976,14 @@ impl Buffer {
                 return false;
             }
         };
+        // Never below a sequence that may have been sent (a fresh database starts at the
+        // clock, which may have stepped back).
+        let next_seq = next_seq.max(self.durable_seq.load(Ordering::Acquire));
         self.state.lock().expect("buffer state").next_seq = next_seq;
         self.durable_seq.store(next_seq, Ordering::Release);
         match self.recover() {
             Ok(()) => {
+                self.heal_failures.store(0, Ordering::Relaxed);
                 self.broken.store(false, Ordering::Release);
                 self.writable.store(true, Ordering::Relaxed);
                 tracing::info!("buffer database reopened after a storage error; taking events again");
@@ -950,6 +1067,7 @@ impl Buffer {
             }
             return;
         }
+        let _no_heal = self.heal_lock.read().expect("heal lock");
         let arrived = now_ns();
         let mut accepted: Vec<Append> = Vec::with_capacity(group.len());
         for a in group.drain(..) {
@@ -1032,13 +1150,18 @@ impl Buffer {
         // sealing, acknowledgements and sled's own housekeeping keep the reserve.
         let mut dropped = 0;
         while let Some((free, reserve)) = keytrail_common::disk::low(&self.dir, size) {
-            // Under drop_oldest, deleting sealed batch files frees space at once; sled's own
-            // records only later, so give up after a few.
+            // Under drop_oldest, deleting sealed batch files frees space at once (removing
+            // sled records does not), so only those go, and only when deleting all of them
+            // could make the room: when something else filled the disk, nothing is dropped
+            // in vain.
+            let could_help = free.saturating_add(self.counts().sealed_bytes) >= reserve.saturating_add(size);
             let freed = self.limits.when_full == WhenFull::DropOldest
+                && could_help
                 && dropped < 16
-                && self.drop_oldest().map_err(|e| AppendError::Storage(e.to_string()))?;
+                && self
+                    .drop_oldest_sealed()
+                    .map_err(|e| AppendError::Storage(e.to_string()))?;
             if !freed {
-                self.writable.store(false, Ordering::Relaxed);
                 return Err(AppendError::DiskLow { free, reserve });
             }
             dropped += 1;
@@ -1075,7 +1198,21 @@ impl Buffer {
     /// Deletes the oldest sealed batch not in flight, else the oldest chunk. `false` when
     /// nothing could be dropped.
     fn drop_oldest(&self) -> Result<bool, sled::Error> {
+        if self.drop_oldest_sealed()? {
+            return Ok(true);
+        }
         let _layout = self.layout.lock().expect("buffer layout");
+        self.watch(self.drop_oldest_pending())
+    }
+
+    /// Drops the oldest sealed batch that is not in flight; false when there is none.
+    fn drop_oldest_sealed(&self) -> Result<bool, sled::Error> {
+        let _layout = self.layout.lock().expect("buffer layout");
+        let dropped = self.drop_oldest_sealed_locked();
+        self.watch(dropped)
+    }
+
+    fn drop_oldest_sealed_locked(&self) -> Result<bool, sled::Error> {
         let in_flight = self.in_flight.load(Ordering::Relaxed);
         for item in self.db()?.scan_prefix([S]) {
             let (k, v) = item?;
@@ -1098,6 +1235,11 @@ impl Buffer {
             self.publish_gauges();
             return Ok(true);
         }
+        Ok(false)
+    }
+
+    /// Drops the oldest pending chunk (the caller holds the layout lock).
+    fn drop_oldest_pending(&self) -> Result<bool, sled::Error> {
         if let Some(item) = self.db()?.scan_prefix([P]).next() {
             let (k, v) = item?;
             let count = parse_chunk(&v).map_or(0, |c| c.count);
@@ -1135,6 +1277,10 @@ impl Buffer {
     /// Seals one batch from the oldest pending records. Returns its sequence, or `None` when
     /// nothing is pending. Blocking (sled I/O and compression).
     pub fn seal_one(&self) -> Result<Option<BatchSeq>, BufferError> {
+        self.watch_buffer(self.seal_one_inner())
+    }
+
+    fn seal_one_inner(&self) -> Result<Option<BatchSeq>, BufferError> {
         let _layout = self.layout.lock().expect("buffer layout");
         let max_events = self.limits.batch_max_events;
         let max_bytes = self.limits.batch_max_bytes as usize;
@@ -1247,6 +1393,10 @@ impl Buffer {
     /// The oldest durably sealed batch, marked in flight. Records that fail their checksum
     /// are quarantined on the way.
     pub fn next_sealed(&self) -> Result<Option<SealedBatch>, BufferError> {
+        self.watch_buffer(self.next_sealed_inner())
+    }
+
+    fn next_sealed_inner(&self) -> Result<Option<SealedBatch>, BufferError> {
         let limit = self.durable_seq.load(Ordering::Acquire);
         // Read and mark in flight under the layout lock, so drop_oldest cannot delete the
         // batch between the two (its events would count as both dropped and delivered).
@@ -1293,6 +1443,10 @@ impl Buffer {
     /// The collector stored the batch: delete it. The record is removed durably before the
     /// file, so a record never outlives its file (recovery would call that corruption).
     pub fn ack(&self, batch: &SealedBatch) -> Result<(), BufferError> {
+        self.watch_buffer(self.ack_inner(batch))
+    }
+
+    fn ack_inner(&self, batch: &SealedBatch) -> Result<(), BufferError> {
         let _layout = self.layout.lock().expect("buffer layout");
         self.in_flight.store(u64::MAX, Ordering::Relaxed);
         if let Some(v) = self.db()?.remove(key(S, batch.seq.0))? {
@@ -1307,6 +1461,10 @@ impl Buffer {
 
     /// The collector refused the batch for good: move it to the dead-letter store.
     pub fn dead_letter(&self, batch: &SealedBatch, reason: &str) -> Result<(), BufferError> {
+        self.watch_buffer(self.dead_letter_inner(batch, reason))
+    }
+
+    fn dead_letter_inner(&self, batch: &SealedBatch, reason: &str) -> Result<(), BufferError> {
         let _layout = self.layout.lock().expect("buffer layout");
         self.in_flight.store(u64::MAX, Ordering::Relaxed);
         let k = key(S, batch.seq.0);
@@ -1694,15 +1852,19 @@ mod tests {
         let stray = dir.join(SEALED_DIR).join(format!("{:020}.batch", u64::MAX - 1));
         std::fs::write(&stray, b"left over").unwrap();
         let b = Buffer::open(&dir, None, limits(64 << 20, WhenFull::Reject, 10), metrics.clone()).unwrap();
-        assert!(!stray.exists(), "a file without a record is deleted");
+        assert!(
+            !stray.exists() && stray.with_extension("corrupt").exists(),
+            "an unreadable file without a record is moved aside"
+        );
         assert_eq!((b.counts().sealed_batches, b.counts().sealed_events), (2, 20));
         assert_eq!(metrics.discarded.get(&["corrupt"]), 10);
         assert_eq!(drain_ids(&b).len(), 20);
-        assert_eq!(
-            std::fs::read_dir(dir.join(SEALED_DIR)).unwrap().count(),
-            0,
-            "acked files are deleted"
-        );
+        let batches = std::fs::read_dir(dir.join(SEALED_DIR))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "batch"))
+            .count();
+        assert_eq!(batches, 0, "acked files are deleted");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1724,35 +1886,51 @@ mod tests {
             next
         };
         // sled loses the record of the first sealed batch (damage recovered to a shorter log):
-        // the file is the only copy of its events.
+        // the file is the only copy of its events. The second one's record is damaged.
         {
             let db = sled::open(&dir).unwrap();
             db.remove(key(S, next_seq - 2)).unwrap();
+            let mut v = db.get(key(S, next_seq - 1)).unwrap().unwrap().to_vec();
+            let last = v.len() - 1;
+            v[last] ^= 0xff;
+            db.insert(key(S, next_seq - 1), v).unwrap();
             db.flush().unwrap();
         }
+        let write_batch = |seq: u64, range: std::ops::Range<u64>| {
+            let (payload, n) = records(range);
+            let frame = wire::seal_frame("a", BatchSeq(seq), n, &payload, 3);
+            let mut body = Vec::new();
+            body.extend_from_slice(&n.to_be_bytes());
+            body.extend_from_slice(&0i64.to_be_bytes());
+            body.extend_from_slice(&0i64.to_be_bytes());
+            body.extend_from_slice(&frame);
+            let path = dir.join(SEALED_DIR).join(format!("{seq:020}.batch"));
+            std::fs::write(&path, record(&body)).unwrap();
+            path
+        };
         // A seal that never committed: a file for the next sequence holding exactly the oldest
         // pending events (20..30), which are still pending.
-        let (payload, n) = records(20..30);
-        let frame = wire::seal_frame("a", BatchSeq(next_seq), n, &payload, 3);
-        let mut body = Vec::new();
-        body.extend_from_slice(&n.to_be_bytes());
-        body.extend_from_slice(&0i64.to_be_bytes());
-        body.extend_from_slice(&0i64.to_be_bytes());
-        body.extend_from_slice(&frame);
-        let uncommitted = dir.join(SEALED_DIR).join(format!("{next_seq:020}.batch"));
-        std::fs::write(&uncommitted, record(&body)).unwrap();
+        let uncommitted = write_batch(next_seq, 20..30);
+        // One whose chunks were only partly durable: 25..30 are still pending, 30..35 exist
+        // only in the file.
+        let partial = write_batch(next_seq + 1, 25..35);
 
         let b = Buffer::open(&dir, None, lim(), metrics.clone()).unwrap();
         assert!(!uncommitted.exists(), "a seal that never committed is deleted");
+        assert!(partial.exists());
         let c = b.counts();
-        assert_eq!((c.sealed_batches, c.sealed_events, c.pending_events), (2, 20, 10));
-        assert_eq!(metrics.discarded.get(&["corrupt"]), 0);
+        assert_eq!((c.sealed_batches, c.sealed_events, c.pending_events), (3, 25, 10));
+        assert_eq!(
+            metrics.discarded.get(&["corrupt"]),
+            0,
+            "the damaged record's file was adopted"
+        );
         // Nothing lost, nothing twice, and the next seal does not reuse a sequence.
         let seq = b.seal_one().unwrap().unwrap();
-        assert_eq!(seq.0, next_seq);
+        assert_eq!(seq.0, next_seq + 2);
         let mut ids = drain_ids(&b);
         ids.sort();
-        let want: Vec<String> = (0..30).map(|i| event(i).id).collect();
+        let want: Vec<String> = (0..35).map(|i| event(i).id).collect();
         assert_eq!(ids, want);
         drop(b);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -519,7 +519,9 @@ async fn finish(buffer: &Arc<Buffer>, batch: SealedBatch, dead_reason: Option<St
     match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "updating the buffer after a send failed; the batch will be resent")
+            tracing::error!(error = %e, "updating the buffer after a send failed; the batch will be resent");
+            // The buffer's storage is failing (it is being reopened): do not resend in a loop.
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
         Err(e) => tracing::error!(error = %e, "buffer update task failed"),
     }

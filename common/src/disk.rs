@@ -21,6 +21,10 @@ pub fn space(dir: &Path) -> Option<(u64, u64)> {
         st
     };
     let unit = st.f_frsize as u64;
+    // Some pseudo and FUSE file systems report no blocks at all: unknown, not full.
+    if st.f_blocks == 0 || unit == 0 {
+        return None;
+    }
     Some((st.f_bavail as u64 * unit, st.f_blocks as u64 * unit))
 }
 

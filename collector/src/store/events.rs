@@ -278,7 +278,7 @@ struct Tail {
 
 /// A group's blocks, written and synced but not yet visible ([`EventLog::publish`]) or cut
 /// off again ([`EventLog::rollback`]).
-pub(super) struct Appended {
+pub struct Appended {
     segment: u64,
     len_before: u64,
     metas: Vec<BlockMeta>,
@@ -298,7 +298,7 @@ pub struct Purged {
 }
 
 /// The raw event log. Appends come from the store's single writer; reads from anywhere.
-pub(super) struct EventLog {
+pub struct EventLog {
     dir: PathBuf,
     key: (u64, u64),
     zstd_level: i32,

@@ -188,7 +188,10 @@ pub struct EventPage {
     pub next_cursor: Option<(UnixNanos, u64)>,
 }
 
-mod events;
+/// Public for the fuzz target and its seed example only; the rest of the collector goes
+/// through [`Store`].
+#[doc(hidden)]
+pub mod events;
 
 pub use events::Purged;
 use events::{EventLog, IdHasher};
