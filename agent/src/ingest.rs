@@ -46,6 +46,8 @@ pub struct Api {
     pub metrics: Arc<AgentMetrics>,
     pub health: Arc<ShipHealth>,
     pub ids: EventIds,
+    /// This host's clock against the collector's: corrects the times the agent stamps.
+    pub clock: Arc<crate::ship::AgentClock>,
     /// Permits of 1 KiB: the budget of request bytes in flight (`ingest.max_inflight_bytes`).
     pub inflight: tokio::sync::Semaphore,
 }
@@ -217,6 +219,7 @@ pub fn status(api: &Api) -> serde_json::Value {
         "dropped_events_by_reason": dropped,
         "received_events_total": api.metrics.received.get(),
         "last_ship_error": api.health.last_error(),
+        "clock_offset_seconds": api.clock.offset_seconds(),
         "collector": api.config.ship.collector,
         "buffer_max_bytes": api.config.max_bytes,
         "buffer_recovered_from": api.buffer.recovered_from.as_ref().map(|p| p.display().to_string()),
@@ -312,7 +315,9 @@ async fn post_events(api: &Arc<Api>, req: Request<Incoming>) -> Resp {
             return error(StatusCode::BAD_REQUEST, "body_read_failed", &e.to_string());
         }
     };
-    let now = now_ns();
+    // Events without a `time` take this: the arrival, by the collector's clock when this
+    // host's clock is off.
+    let now = now_ns().saturating_add(api.clock.correction());
     let parsed = if body.len() <= PARSE_INLINE_BYTES {
         encode(api, &body, format, now)
     } else {

@@ -36,7 +36,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if let Some((_, key)) = &config.ship.client_cert {
         keytrail_common::config::warn_if_exposed(key, "ship.key private key");
     }
-    let client = CollectorClient::new(&config.ship).map_err(anyhow::Error::msg)?;
+    let clock = Arc::new(ship::AgentClock::default());
+    let client = CollectorClient::new(&config.ship, Arc::clone(&clock)).map_err(anyhow::Error::msg)?;
     let metrics = Arc::new(AgentMetrics::default());
     let limits = BufferLimits {
         max_bytes: config.max_bytes,
@@ -71,7 +72,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding the proxy on {}", p.listen))?;
         proxy_addr = Some(l.local_addr()?);
-        let defaults = proxy::RecorderDefaults::new(buffer.agent_id().to_string(), config.context.clone());
+        let defaults = proxy::RecorderDefaults::new(
+            buffer.agent_id().to_string(),
+            config.context.clone(),
+            Arc::clone(&clock),
+        );
         proxy_tasks.push(tokio::spawn(proxy::run_recorder(
             rx,
             adapter,
@@ -140,6 +145,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         metrics,
         health,
         ids: ingest::EventIds::new(),
+        clock,
     });
     let server = tokio::spawn(ingest::serve(listener, Arc::clone(&api), stop_rx));
 

@@ -19,6 +19,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use keytrail_common::time::UnixNanos;
 use keytrail_common::tls::Reloading;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -38,6 +39,72 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 const IDLE_PING: Duration = Duration::from_secs(5);
 /// The request header with this agent's clock, unix milliseconds.
 const SENT_AT_HEADER: &str = keytrail_common::wire::SENT_AT_HEADER;
+
+/// The collector's clock from an answer (`x-keytrail-received-at`, unix ms), in nanoseconds.
+fn parts_received_at(headers: &http::HeaderMap) -> Option<UnixNanos> {
+    headers
+        .get(keytrail_common::wire::RECEIVED_AT_HEADER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<i64>()
+        .ok()?
+        .checked_mul(1_000_000)
+}
+
+/// Largest difference to the collector's clock taken as is.
+pub const CLOCK_TOLERANCE: UnixNanos = 60 * keytrail_common::time::NANOS_PER_SEC;
+
+/// This agent's clock against the collector's, measured on every answer that carries the
+/// collector's clock (`x-keytrail-received-at`): offset = collector time − the midpoint of the
+/// request by this agent's clock. When it is off by more than [`CLOCK_TOLERANCE`], the times
+/// the agent stamps itself (events that come without a `time`, proxied calls) get the offset
+/// added, so they land where the collector's clock puts them. Times a sender gives are kept.
+#[derive(Debug, Default)]
+pub struct AgentClock {
+    offset: std::sync::atomic::AtomicI64,
+    known: std::sync::atomic::AtomicBool,
+}
+
+impl AgentClock {
+    fn observe(&self, offset: UnixNanos) {
+        use std::sync::atomic::Ordering;
+        let before = self.offset.swap(offset, Ordering::Relaxed);
+        let was_known = self.known.swap(true, Ordering::Relaxed);
+        let (now_off, was_off) = (
+            offset.abs() > CLOCK_TOLERANCE,
+            was_known && before.abs() > CLOCK_TOLERANCE,
+        );
+        if now_off && !was_off {
+            tracing::warn!(
+                offset_seconds = offset as f64 / 1e9,
+                "this host's clock differs from the collector's; the times this agent stamps are corrected by the difference"
+            );
+        } else if !now_off && was_off {
+            tracing::info!("this host's clock agrees with the collector's again");
+        }
+    }
+
+    /// What to add to this agent's clock for the times it stamps (0 within the tolerance or
+    /// before the first answer).
+    pub fn correction(&self) -> UnixNanos {
+        use std::sync::atomic::Ordering;
+        let o = self.offset.load(Ordering::Relaxed);
+        if self.known.load(Ordering::Relaxed) && o.abs() > CLOCK_TOLERANCE {
+            o
+        } else {
+            0
+        }
+    }
+
+    /// The last measured offset, seconds (`None` before the first answer).
+    pub fn offset_seconds(&self) -> Option<f64> {
+        use std::sync::atomic::Ordering;
+        self.known
+            .load(Ordering::Relaxed)
+            .then(|| self.offset.load(Ordering::Relaxed) as f64 / 1e9)
+    }
+}
 
 /// What the last contact with the collector said; feeds `/readyz` and `/v1/status`.
 #[derive(Debug, Default)]
@@ -185,10 +252,11 @@ pub struct CollectorClient {
     tls: Reloading<rustls::ClientConfig>,
     timeout: Duration,
     sender: Option<SendRequest<Full<Bytes>>>,
+    clock: Arc<AgentClock>,
 }
 
 impl CollectorClient {
-    pub fn new(cfg: &ShipConfig) -> Result<CollectorClient, String> {
+    pub fn new(cfg: &ShipConfig, clock: Arc<AgentClock>) -> Result<CollectorClient, String> {
         let uri: http::Uri = cfg
             .collector
             .parse()
@@ -221,6 +289,7 @@ impl CollectorClient {
             tls,
             timeout: cfg.request_timeout,
             sender: None,
+            clock,
         })
     }
 
@@ -292,23 +361,26 @@ impl CollectorClient {
             self.sender = Some(self.connect().await?);
         }
         let sender = self.sender.as_mut().expect("connected above");
+        let sent_at = keytrail_common::time::now_ns();
         let req = Request::builder()
             .method(method)
             .uri(path)
             .header(http::header::HOST, &self.authority)
             .header(http::header::CONTENT_TYPE, "application/x-keytrail-batch")
-            // This agent's clock at sending, so the collector can measure and correct skew
+            // This agent's clock at sending, so the collector can measure each agent's skew
             // (docs/wire-protocol.md). Not part of the frame: a resend carries a fresh one.
-            .header(
-                SENT_AT_HEADER,
-                (keytrail_common::time::now_ns() / 1_000_000).to_string(),
-            )
+            .header(SENT_AT_HEADER, (sent_at / 1_000_000).to_string())
             .body(Full::new(body))
             .expect("static request parts are valid");
         let resp = sender
             .send_request(req)
             .await
             .map_err(|e| ShipError::from_io("sending", &e))?;
+        let answered_at = keytrail_common::time::now_ns();
+        if let Some(received) = parts_received_at(resp.headers()) {
+            let midpoint = sent_at + (answered_at - sent_at) / 2;
+            self.clock.observe(received.saturating_sub(midpoint));
+        }
         let (parts, body) = resp.into_parts();
         let bytes = Limited::new(body, MAX_ANSWER_BYTES)
             .collect()

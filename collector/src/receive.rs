@@ -84,7 +84,8 @@ pub async fn serve(
                 let receiver = Arc::clone(&receiver);
                 let identity = Arc::clone(&identity);
                 async move {
-                    let resp = match route(&receiver, identity.as_deref(), req).await {
+                    let arrived = now_ns();
+                    let mut resp = match route(&receiver, identity.as_deref(), req).await {
                         Ok(r) => r,
                         Err(e) => {
                             receiver.metrics.errors.add(&["receive", e.code], 1);
@@ -94,6 +95,10 @@ pub async fn serve(
                             e.into_response()
                         }
                     };
+                    // The collector's clock, for the agent to measure its own against.
+                    if let Ok(v) = http::HeaderValue::from_str(&(arrived / 1_000_000).to_string()) {
+                        resp.headers_mut().insert(wire::RECEIVED_AT_HEADER, v);
+                    }
                     Ok::<_, Infallible>(resp)
                 }
             });
@@ -238,17 +243,14 @@ async fn receive(
             return Err(e.into());
         }
     };
-    let mut events = batch.events;
-    let correction = r
-        .metrics
+    r.metrics
         .clocks
         .observe(&batch.header.agent_id, sent_at.as_deref(), arrived);
-    crate::clock::correct(&mut events, correction);
     let incoming = IncomingBatch {
         agent_id: batch.header.agent_id,
         seq: batch.header.seq,
         frame_crc,
-        events,
+        events: batch.events,
     };
     let outcome = r.writer.ingest(incoming).await?;
     r.metrics

@@ -38,6 +38,9 @@ pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 /// Request header on `POST /v1/batches` and `GET /v1/ping`: the agent's clock when it sent the
 /// request, unix milliseconds. Outside the frame, so a resent frame stays byte-identical.
 pub const SENT_AT_HEADER: &str = "x-keytrail-sent-at";
+/// Response header on every answer of the collector's receive port: the collector's clock when
+/// the request arrived, unix milliseconds. Agents measure their clock's offset from it.
+pub const RECEIVED_AT_HEADER: &str = "x-keytrail-received-at";
 
 type Config = bincode::config::Configuration<
     bincode::config::LittleEndian,

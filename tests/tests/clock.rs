@@ -1,8 +1,8 @@
 //! Clock trouble (issue 5): agents whose clocks run hours ahead of or behind the collector's,
-//! run under libfaketime (`scripts/test-deps.sh` installs it). Their requests carry their
-//! clock; the collector measures each agent's offset, exports it, and stores event times by
-//! its own clock. Events that carry their own time outside 2000..2100 are refused at the
-//! agent (common's unit tests).
+//! run under libfaketime (`scripts/test-deps.sh` installs it). Each answer of the collector
+//! carries its clock; an agent corrects the times it stamps itself by the difference, and
+//! keeps the times its clients send. The collector exports each agent's offset. Events that
+//! carry their own time outside 2000..2100 are refused at the agent (common's unit tests).
 
 use std::time::Duration;
 
@@ -47,14 +47,28 @@ fn agents_with_skewed_clocks_have_their_event_times_corrected() {
             ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
         ];
         let agent = Agent::start(&sb, &collector.url(), opts);
-        // The agent really runs on the skewed clock: its own view of "now".
-        let lines: Vec<String> = (0..40)
+        // One answer from the collector is enough to know the offset.
+        agent.wait_ready(200, WAIT);
+        let (_, status) = agent.get_json("/v1/status");
+        let offset = status["clock_offset_seconds"]
+            .as_f64()
+            .expect("offset known after contact");
+        assert!(
+            (offset + skew as f64).abs() < 60.0,
+            "{name}: offset {offset}, skew {skew}"
+        );
+        // The agent really runs on the skewed clock: its own view of "now" stamps these.
+        let mut lines: Vec<String> = (0..40)
             .map(|i| format!(r#"{{"id":"{name}-{i}","type":"license.validated","license":"lic-{name}"}}"#))
             .collect();
+        // A client with its own (right) clock: its time is kept.
+        lines.push(format!(
+            r#"{{"id":"{name}-given","type":"license.validated","license":"lic-{name}-given","time":"2026-11-01T10:00:00Z"}}"#
+        ));
         agent.post_until_accepted(&lines, WAIT);
         agents.push((name, skew, agent));
     }
-    collector.wait_stored(80, WAIT, None);
+    collector.wait_stored(82, WAIT, None);
     let real_now = now_s();
     for (name, skew, _agent) in &agents {
         let (status, body) = http(
@@ -69,6 +83,18 @@ fn agents_with_skewed_clocks_have_their_event_times_corrected() {
         let page: serde_json::Value = serde_json::from_str(&body).unwrap();
         let events = page["events"].as_array().unwrap();
         assert_eq!(events.len(), 40);
+        let (_, given) = http(
+            collector.api,
+            "GET",
+            &format!("/v1/events?license=lic-{name}-given"),
+            &[],
+            b"",
+        )
+        .unwrap();
+        assert!(
+            given.contains("2026-11-01T10:00:00Z"),
+            "a client's own time is kept: {given}"
+        );
         for e in events {
             let t = e["time"].as_str().unwrap();
             let out = std::process::Command::new("date")
@@ -100,4 +126,8 @@ fn agents_with_skewed_clocks_have_their_event_times_corrected() {
     }
     let log = std::fs::read_to_string(&collector.proc.log).unwrap();
     assert!(log.contains("an agent's clock is off"), "the skew is logged");
+    for (name, _, agent) in &agents {
+        let log = std::fs::read_to_string(&agent.proc.log).unwrap();
+        assert!(log.contains("differs from the collector's"), "{name} logs its skew");
+    }
 }

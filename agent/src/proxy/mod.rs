@@ -718,15 +718,18 @@ pub struct RecorderDefaults {
     pub context: Context,
     pub ids: EventIds,
     now: std::cell::Cell<UnixNanos>,
+    /// Corrects the exchange times (this host's clock against the collector's).
+    clock: Arc<crate::ship::AgentClock>,
 }
 
 impl RecorderDefaults {
-    pub fn new(agent_id: String, context: Context) -> Self {
+    pub fn new(agent_id: String, context: Context, clock: Arc<crate::ship::AgentClock>) -> Self {
         RecorderDefaults {
             agent_id,
             context,
             ids: EventIds::new(),
             now: std::cell::Cell::new(0),
+            clock,
         }
     }
 }
@@ -814,7 +817,7 @@ fn record_one(
         return 0;
     }
     let n = values.len().min(MAX_EVENTS_PER_EXCHANGE);
-    defaults.now.set(ex.time);
+    defaults.now.set(ex.time.saturating_add(defaults.clock.correction()));
     // The same validation and pseudonymisation as POST /v1/events, without a JSON round trip.
     match event::parse_values(&values[..n], fingerprinter, defaults) {
         Ok(events) => {
