@@ -236,3 +236,52 @@ fn a_full_file_system_gets_clear_errors_and_recovers_when_space_returns() {
     assert_eq!(lost, 0);
     assert_eq!(ids.len(), acked.len());
 }
+
+/// The same under `when_full = "drop_oldest"`: while the disk fills, the agent keeps taking
+/// events by deleting its oldest sealed batches, counts every event it drops, and delivers
+/// exactly the rest.
+#[test]
+fn a_full_file_system_under_drop_oldest_drops_counted_oldest_batches() {
+    let sb = Sandbox::new("full-disk-drop");
+    let Some(agent_fs) = Tmpfs::mount(&sb.path("agent-fs"), "20m") else {
+        return;
+    };
+    let mut collector = Collector::start(&sb, CollectorOpts::default());
+    let mut opts = AgentOpts::new(&sb, "agent-a");
+    opts.max_bytes = "1GiB".into();
+    opts.when_full = "drop_oldest".into();
+    let mut agent = Agent::start(&sb, &collector.url(), opts);
+    agent.proc.kill9();
+    let dir = agent_fs.0.join("buffer");
+    let text = std::fs::read_to_string(agent.config_path()).unwrap();
+    std::fs::write(
+        agent.config_path(),
+        text.replace(&format!("dir = {:?}", agent.data_dir), &format!("dir = {dir:?}")),
+    )
+    .unwrap();
+    agent.data_dir = dir;
+    agent.restart();
+    collector.proc.kill9();
+
+    let (acked, refusal) = fill(&agent, "d", 1_500_000);
+    let (_, status) = agent.get_json("/v1/status");
+    let dropped = status["dropped_events_by_reason"]["drop_oldest"].as_u64().unwrap_or(0);
+    eprintln!(
+        "drop_oldest: {} acknowledged, {dropped} dropped (counted), last refusal {refusal:?}",
+        acked.len()
+    );
+    assert!(dropped > 0, "the disk filled but nothing was dropped: {status}");
+    assert_eq!(agent.get_json("/healthz").0, 200);
+    collector.restart();
+    let want = acked.len() as u64 - dropped;
+    collector.wait_stored(want, WAIT, Some(&agent));
+    // Let stragglers land: nothing beyond the undropped events arrives.
+    std::thread::sleep(Duration::from_millis(500));
+    let ids = ids_at(&collector);
+    assert_eq!(ids.len() as u64, want);
+    let acked: HashSet<&String> = acked.iter().collect();
+    assert!(
+        ids.iter().all(|id| acked.contains(id)),
+        "only acknowledged events arrive"
+    );
+}
