@@ -648,6 +648,31 @@ mod tests {
     }
 
     #[test]
+    fn the_clock_corrects_only_beyond_the_tolerance() {
+        let c = AgentClock::default();
+        assert_eq!((c.correction(), c.offset_seconds()), (0, None));
+        c.observe(30 * 1_000_000_000);
+        assert_eq!(c.correction(), 0, "within a minute: trusted");
+        assert_eq!(c.offset_seconds(), Some(30.0));
+        let behind = 3 * 3600 * 1_000_000_000i64;
+        c.observe(behind);
+        assert_eq!(c.correction(), behind);
+        c.observe(-behind);
+        assert_eq!(c.correction(), -behind);
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            keytrail_common::wire::RECEIVED_AT_HEADER,
+            http::HeaderValue::from_static("1790000000123"),
+        );
+        assert_eq!(parts_received_at(&h), Some(1_790_000_000_123_000_000));
+        h.insert(
+            keytrail_common::wire::RECEIVED_AT_HEADER,
+            http::HeaderValue::from_static("9223372036854775807"),
+        );
+        assert_eq!(parts_received_at(&h), None);
+    }
+
+    #[test]
     fn readiness_reasons() {
         let h = ShipHealth::default();
         assert!(h
