@@ -297,6 +297,9 @@ fn list_event_ids(collector: &Collector) -> Vec<String> {
     }
 }
 
+/// 2026-11-01T00:00:00Z, unix milliseconds.
+const BASE_MS: i64 = 1_761_955_200_000;
+
 /// Resident set size of a process, KiB (`VmRSS`).
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -332,9 +335,15 @@ fn a_long_outage_keeps_memory_flat_and_delivers_everything_oldest_first() {
     let mut rss_peak = 0;
     let mut n = 0u64;
     while n < total {
-        // All at one time, so the collector's newest-first listing is its store order reversed.
+        // Event i happens at BASE + i ms: posting order is time order.
         let lines: Vec<String> = (n..n + per_request)
-            .map(|i| validation(&format!("o-{i}"), &format!("lic-{}", i % 5000)))
+            .map(|i| {
+                format!(
+                    r#"{{"id":"o-{i}","type":"license.validated","license":"lic-{}","time":{}}}"#,
+                    i % 5000,
+                    BASE_MS + i as i64
+                )
+            })
             .collect();
         agent.post_until_accepted(&lines, Duration::from_secs(60));
         n += per_request;
@@ -363,9 +372,12 @@ fn a_long_outage_keeps_memory_flat_and_delivers_everything_oldest_first() {
     collector.restart();
     collector.wait_stored(total, Duration::from_secs(600), Some(&agent));
     agent.wait_ready(200, Duration::from_secs(60));
-    // Oldest first: the store order is the order the events were posted in.
+    // Everything arrived once, and oldest first: paging newest first, the store sequence in
+    // each page's cursor (time, sequence) falls as the times fall, so the collector stored
+    // the events in the order they were posted.
     let mut order = Vec::with_capacity(total as usize);
     let mut cursor: Option<String> = None;
+    let mut last_seq = u64::MAX;
     loop {
         let path = match &cursor {
             Some(c) => format!("/v1/events?limit=1000&cursor={c}"),
@@ -379,7 +391,12 @@ fn a_long_outage_keeps_memory_flat_and_delivers_everything_oldest_first() {
             order.push(id.trim_start_matches("o-").parse::<u64>().unwrap());
         }
         match v["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
+            Some(c) => {
+                let seq = u64::from_str_radix(&c[16..], 16).expect("cursor: time and sequence in hex");
+                assert!(seq < last_seq, "a newer event was stored before an older one");
+                last_seq = seq;
+                cursor = Some(c.to_string());
+            }
             None => break,
         }
     }
@@ -387,6 +404,6 @@ fn a_long_outage_keeps_memory_flat_and_delivers_everything_oldest_first() {
     assert_eq!(order.len() as u64, total);
     assert!(
         order.iter().enumerate().all(|(i, v)| *v == i as u64),
-        "events did not arrive oldest first"
+        "events missing or twice"
     );
 }
