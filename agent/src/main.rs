@@ -54,13 +54,16 @@ enum Command {
 /// glibc gives every thread that allocates concurrently its own malloc arena and keeps freed
 /// memory in each; with the agent's runtime, writer and sealer threads that cost ~40 MiB of
 /// RSS under load (docs/benchmarks.md: peak 90 → 50 MiB at 8 × 500, no loss of throughput;
-/// one arena cost a third of it). Called first, before any thread exists.
+/// one arena cost a third of it). Called first, before any thread exists. glibc's own
+/// `MALLOC_ARENA_MAX`, when set, wins.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator parameter; no thread has been started yet.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; no thread has been started yet.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
     }
 }
 
