@@ -171,6 +171,12 @@ fn a_damaged_buffer_is_moved_aside_or_counted_and_the_agent_keeps_working() {
         // The agent restarts cleanly on what it left, too (no crash loop on its own recovery).
         agent.restart();
         agent.wait_ready(200, WAIT);
+        // The collector's stats move a moment after its 200s: wait for what must be there
+        // (everything not counted as corrupt), then settle.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while collector.stored() < 1300 - corrupt && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         std::thread::sleep(Duration::from_millis(300));
         let stored = collector.stored();
         assert!((300..=1300).contains(&stored), "{what:?}: {done}: stored {stored}");

@@ -234,6 +234,8 @@ fn the_collector_refuses_bad_batches_clearly_and_keeps_working() {
     // Still up; only the good batch's events exist.
     let g2 = frame("agent-a", 3, &["g-3"]);
     assert_eq!(post_batch_as(&sb, &collector, Some("agent-a"), &g2).unwrap().0, 200);
+    // Stats move once the analytics have applied the group, a moment after the 200.
+    collector.wait_stored(3, WAIT, None);
     let stats = collector.stats();
     assert_eq!(stats["events_stored"], 3, "{stats}");
     // The slow client was cut off (the handshake has a deadline) while all that was served.
