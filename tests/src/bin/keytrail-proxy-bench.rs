@@ -217,9 +217,17 @@ fn main() {
     let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); targets.len()];
     for round in 0..rounds {
         for (i, (name, addr)) in targets.iter().enumerate() {
+            let opened = || *up.connections.lock().expect("connection count");
+            let before = opened();
             let (p50, p99) = latencies(*addr, requests);
+            let during_latency = opened() - before;
             let rps = throughput(*addr, 16, seconds);
-            eprintln!("round {round} {name}: p50 {p50:.0} µs, p99 {p99:.0} µs, {rps:.0} req/s (16 connections)");
+            let during_throughput = opened() - before - during_latency;
+            eprintln!(
+                "round {round} {name}: p50 {p50:.0} µs, p99 {p99:.0} µs, {rps:.0} req/s (16 connections); \
+                 upstream connections opened: {during_latency} for {} sequential requests, {during_throughput} under load",
+                requests + requests / 10
+            );
             results[i].0.push(p50);
             results[i].1.push(p99);
             results[i].2.push(rps);
