@@ -452,6 +452,23 @@ fn rescue_sealed_files(from: &Path, to: &Path) {
     }
 }
 
+/// How long opening waits for sled's file lock: a database just closed in this process
+/// releases it when sled's background thread has stopped, a moment later.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// [`open_db`], waiting up to [`LOCK_WAIT`] while the file lock is held.
+fn open_db_waiting(dir: &Path, cache_bytes: u64) -> Result<sled::Db, String> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match open_db(dir, cache_bytes) {
+            Err(e) if e.contains("lock") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Opens sled; a panic inside sled (it panics on some corruptions) becomes an error.
 fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, String> {
     let config = sled::Config::new()
@@ -480,7 +497,7 @@ impl Buffer {
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         let mut recovered_from = None;
-        let db = match open_db(dir, limits.cache_bytes) {
+        let db = match open_db_waiting(dir, limits.cache_bytes) {
             Ok(db) => db,
             Err(e) if e.contains("lock") => {
                 return Err(open_err(format!(
@@ -933,12 +950,8 @@ impl Buffer {
         }
         let mut attempt = 0;
         let reopened = loop {
-            match open_db(&self.dir, self.limits.cache_bytes) {
+            match open_db_waiting(&self.dir, self.limits.cache_bytes) {
                 Ok(db) => break Ok(db),
-                Err(e) if e.contains("lock") && attempt < 100 => {
-                    attempt += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
                 // sled can leave its log unreadable when the disk ran full under it: as at
                 // start, the database is moved aside (its sealed batches kept). Other errors
                 // (a panic inside sled) get the same after a few tries with room on the disk.
