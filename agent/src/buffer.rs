@@ -316,6 +316,16 @@ struct Sealed<'a> {
     frame: &'a [u8],
 }
 
+/// The content of a sealed batch file, sealed now.
+fn sealed_file(count: u32, first_arrived: UnixNanos, frame: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(20 + frame.len());
+    body.extend_from_slice(&count.to_be_bytes());
+    body.extend_from_slice(&now_ns().to_be_bytes());
+    body.extend_from_slice(&first_arrived.to_be_bytes());
+    body.extend_from_slice(frame);
+    record(&body)
+}
+
 fn parse_sealed(r: &[u8]) -> Option<Sealed<'_>> {
     let b = open_record(r, 20)?;
     Some(Sealed {
@@ -635,7 +645,7 @@ impl Buffer {
             let bytes = std::fs::read(&path).unwrap_or_default();
             let record = damaged_records.remove(&seq);
             let pending = pending_ids.get_or_insert_with(|| self.pending_ids());
-            match self.orphan_verdict(seq, &path, &bytes, next_seq, &dead, pending) {
+            match self.orphan_verdict(seq, &path, &bytes, &dead, pending) {
                 Orphan::Adopt(meta) => {
                     tracing::warn!(
                         seq, events = meta.count,
@@ -728,7 +738,6 @@ impl Buffer {
         seq: u64,
         path: &Path,
         bytes: &[u8],
-        next_seq: u64,
         dead: &std::collections::HashSet<u64>,
         pending: &std::collections::HashSet<String>,
     ) -> Orphan {
@@ -754,35 +763,27 @@ impl Buffer {
             }
         };
         let first_arrived = be_i64(body, 12);
-        let _ = next_seq;
-        {
-            let still = batch.events.iter().filter(|e| pending.contains(&e.id)).count();
-            if still == batch.events.len() {
-                return Orphan::Delete;
+        let still = batch.events.iter().filter(|e| pending.contains(&e.id)).count();
+        if still == batch.events.len() {
+            return Orphan::Delete;
+        }
+        if still > 0 {
+            let mut payload = Vec::new();
+            let mut n = 0u32;
+            for e in batch.events.iter().filter(|e| !pending.contains(&e.id)) {
+                wire::append_event(e, &mut payload);
+                n += 1;
             }
-            if still > 0 {
-                let mut payload = Vec::new();
-                let mut n = 0u32;
-                for e in batch.events.iter().filter(|e| !pending.contains(&e.id)) {
-                    wire::append_event(e, &mut payload);
-                    n += 1;
-                }
-                let frame = wire::seal_frame(&self.agent_id, BatchSeq(seq), n, &payload, self.limits.zstd_level);
-                let mut body = Vec::with_capacity(20 + frame.len());
-                body.extend_from_slice(&n.to_be_bytes());
-                body.extend_from_slice(&now_ns().to_be_bytes());
-                body.extend_from_slice(&first_arrived.to_be_bytes());
-                body.extend_from_slice(&frame);
-                let rewritten = record(&body);
-                if write_file_durably(path, &rewritten).is_err() {
-                    return Orphan::Unreadable { events: n as u64 };
-                }
-                return Orphan::Adopt(SealedMeta {
-                    count: n,
-                    first_arrived,
-                    file_len: rewritten.len() as u64,
-                });
+            let frame = wire::seal_frame(&self.agent_id, BatchSeq(seq), n, &payload, self.limits.zstd_level);
+            let rewritten = sealed_file(n, first_arrived, &frame);
+            if write_file_durably(path, &rewritten).is_err() {
+                return Orphan::Unreadable { events: n as u64 };
             }
+            return Orphan::Adopt(SealedMeta {
+                count: n,
+                first_arrived,
+                file_len: rewritten.len() as u64,
+            });
         }
         Orphan::Adopt(SealedMeta {
             count: sealed.count,
@@ -948,7 +949,7 @@ impl Buffer {
                 return false;
             }
         }
-        let mut attempt = 0;
+        let mut moved_aside = false;
         let reopened = loop {
             match open_db_waiting(&self.dir, self.limits.cache_bytes) {
                 Ok(db) => break Ok(db),
@@ -956,11 +957,11 @@ impl Buffer {
                 // start, the database is moved aside (its sealed batches kept). Other errors
                 // (a panic inside sled) get the same after a few tries with room on the disk.
                 Err(e)
-                    if attempt < 1000
+                    if !moved_aside
                         && (e.to_ascii_lowercase().contains("corrupt")
                             || self.heal_failures.fetch_add(1, Ordering::Relaxed) >= 3) =>
                 {
-                    attempt = 1000;
+                    moved_aside = true;
                     if let Err(e) = move_aside(&self.dir, &e) {
                         break Err(e);
                     }
@@ -1361,12 +1362,7 @@ impl Buffer {
         }
         let seq = self.state.lock().expect("buffer state").next_seq;
         let frame = wire::seal_frame(&self.agent_id, BatchSeq(seq), events, &payload, self.limits.zstd_level);
-        let mut body = Vec::with_capacity(20 + frame.len());
-        body.extend_from_slice(&events.to_be_bytes());
-        body.extend_from_slice(&now_ns().to_be_bytes());
-        body.extend_from_slice(&first_arrived.to_be_bytes());
-        body.extend_from_slice(&frame);
-        let sealed = record(&body);
+        let sealed = sealed_file(events, first_arrived, &frame);
         let sealed_len = sealed.len() as u64;
         // The file first (durable), then the record that makes it part of the buffer. A crash
         // in between leaves a file without a record, deleted by recovery; its events are still
@@ -1912,13 +1908,8 @@ mod tests {
         let write_batch = |seq: u64, range: std::ops::Range<u64>| {
             let (payload, n) = records(range);
             let frame = wire::seal_frame("a", BatchSeq(seq), n, &payload, 3);
-            let mut body = Vec::new();
-            body.extend_from_slice(&n.to_be_bytes());
-            body.extend_from_slice(&0i64.to_be_bytes());
-            body.extend_from_slice(&0i64.to_be_bytes());
-            body.extend_from_slice(&frame);
             let path = dir.join(SEALED_DIR).join(format!("{seq:020}.batch"));
-            std::fs::write(&path, record(&body)).unwrap();
+            std::fs::write(&path, sealed_file(n, 0, &frame)).unwrap();
             path
         };
         // A seal that never committed: a file for the next sequence holding exactly the oldest
