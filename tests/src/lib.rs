@@ -320,6 +320,38 @@ impl Collector {
         serde_json::from_str(&body).unwrap()
     }
 
+    /// Pages through `GET /v1/events` (newest first, 1,000 a page), handing each page's events
+    /// and the cursor to the next page to `page`.
+    pub fn for_each_event_page(&self, mut page: impl FnMut(&[serde_json::Value], Option<&str>)) {
+        let auth = self.token.as_ref().map(|t| format!("Bearer {}", t.trim()));
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/v1/events?limit=1000&cursor={c}"),
+                None => "/v1/events?limit=1000".to_string(),
+            };
+            let (status, body) = http(self.api, "GET", &path, &headers, b"").expect("GET /v1/events");
+            assert_eq!(status, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let next = v["next_cursor"].as_str().map(str::to_string);
+            page(v["events"].as_array().map_or(&[][..], Vec::as_slice), next.as_deref());
+            match next {
+                Some(c) => cursor = Some(c),
+                None => return,
+            }
+        }
+    }
+
+    /// Every event id the collector serves, newest first (duplicates included).
+    pub fn event_ids(&self) -> Vec<String> {
+        let mut ids = Vec::new();
+        self.for_each_event_page(|events, _| {
+            ids.extend(events.iter().map(|e| e["id"].as_str().unwrap().to_string()));
+        });
+        ids
+    }
+
     pub fn stored(&self) -> u64 {
         self.stats()["events_stored"].as_u64().unwrap()
     }
@@ -457,14 +489,7 @@ impl Agent {
 
     /// Posts NDJSON; returns status and body, or `None` when the connection failed.
     pub fn post_ndjson(&self, lines: &[String]) -> Option<(u16, String)> {
-        let body = lines.join("\n");
-        http(
-            self.ingest,
-            "POST",
-            "/v1/events",
-            &[("Content-Type", "application/x-ndjson")],
-            body.as_bytes(),
-        )
+        post_ndjson_at(self.ingest, &lines.join("\n"))
     }
 
     /// Posts until a 202, retrying on connection errors and 503 (what a well-behaved SDK does).
@@ -559,6 +584,18 @@ fn dechunk(s: &str) -> String {
 pub fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// `POST /v1/events` with an NDJSON body to an agent's ingest address (for callers that follow
+/// the address across restarts).
+pub fn post_ndjson_at(ingest: SocketAddr, body: &str) -> Option<(u16, String)> {
+    http(
+        ingest,
+        "POST",
+        "/v1/events",
+        &[("Content-Type", "application/x-ndjson")],
+        body.as_bytes(),
+    )
 }
 
 /// A validation event with a stable id, as NDJSON.

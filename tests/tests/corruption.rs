@@ -45,6 +45,19 @@ fn sealed_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     v
 }
 
+/// Cuts a file to a random shorter length; returns the new and the old length.
+fn truncate_somewhere(f: &std::path::Path, rng: &mut Rng) -> (u64, u64) {
+    let len = std::fs::metadata(f).unwrap().len();
+    let to = rng.range(0, len);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(f)
+        .unwrap()
+        .set_len(to)
+        .unwrap();
+    (to, len)
+}
+
 /// Damages the buffer; returns what was done, for the message.
 fn damage(dir: &std::path::Path, what: Damage, rng: &mut Rng) -> String {
     let pick_sealed = |rng: &mut Rng| {
@@ -63,14 +76,7 @@ fn damage(dir: &std::path::Path, what: Damage, rng: &mut Rng) -> String {
         }
         Damage::SealedTruncated => {
             let f = pick_sealed(rng);
-            let len = std::fs::metadata(&f).unwrap().len();
-            let to = rng.range(0, len);
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&f)
-                .unwrap()
-                .set_len(to)
-                .unwrap();
+            let (to, len) = truncate_somewhere(&f, rng);
             format!("truncated {} to {to} of {len} bytes", f.display())
         }
         Damage::SealedDeleted => {
@@ -90,15 +96,7 @@ fn damage(dir: &std::path::Path, what: Damage, rng: &mut Rng) -> String {
             format!("wrote {n} random bytes at {at} of sled's log")
         }
         Damage::SledLogTruncated => {
-            let f = dir.join("db");
-            let len = std::fs::metadata(&f).unwrap().len();
-            let to = rng.range(0, len);
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&f)
-                .unwrap()
-                .set_len(to)
-                .unwrap();
+            let (to, len) = truncate_somewhere(&dir.join("db"), rng);
             format!("truncated sled's log to {to} of {len} bytes")
         }
         Damage::SledConfGarbage => {

@@ -145,13 +145,7 @@ fn start_writers(seed: u64, addr: Arc<Mutex<SocketAddr>>) -> Writers {
                     let deadline = Instant::now() + Duration::from_secs(180);
                     loop {
                         let a = *addr.lock().unwrap();
-                        match http(
-                            a,
-                            "POST",
-                            "/v1/events",
-                            &[("Content-Type", "application/x-ndjson")],
-                            body.as_bytes(),
-                        ) {
+                        match post_ndjson_at(a, &body) {
                             Some((202, _)) => break,
                             Some((400, b)) | Some((413, b)) | Some((415, b)) => {
                                 panic!("the agent refused good events: {b}")
@@ -248,7 +242,7 @@ fn one_run(seed: u64, length: Duration) -> Outcome {
     // Resends still on their way would show up as duplicates now: let them land.
     std::thread::sleep(Duration::from_millis(1000));
     let stored_stat = collector.stored();
-    let listed = list_event_ids(&collector);
+    let listed = collector.event_ids();
     let acked_set: HashSet<&str> = acked.iter().map(String::as_str).collect();
     assert_eq!(acked_set.len(), acked.len(), "the writers acknowledged an id twice");
     let listed_set: HashSet<&str> = listed.iter().map(String::as_str).collect();
@@ -272,28 +266,6 @@ fn one_run(seed: u64, length: Duration) -> Outcome {
         duplicated,
         stored_stat,
         faults: actions,
-    }
-}
-
-/// Every event id the collector serves, through `GET /v1/events` pages.
-fn list_event_ids(collector: &Collector) -> Vec<String> {
-    let mut ids = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let path = match &cursor {
-            Some(c) => format!("/v1/events?limit=1000&cursor={c}"),
-            None => "/v1/events?limit=1000".to_string(),
-        };
-        let (status, body) = http(collector.api, "GET", &path, &[], b"").expect("GET /v1/events");
-        assert_eq!(status, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        for e in v["events"].as_array().unwrap() {
-            ids.push(e["id"].as_str().unwrap().to_string());
-        }
-        match v["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => return ids,
-        }
     }
 }
 
@@ -376,30 +348,18 @@ fn a_long_outage_keeps_memory_flat_and_delivers_everything_oldest_first() {
     // each page's cursor (time, sequence) falls as the times fall, so the collector stored
     // the events in the order they were posted.
     let mut order = Vec::with_capacity(total as usize);
-    let mut cursor: Option<String> = None;
     let mut last_seq = u64::MAX;
-    loop {
-        let path = match &cursor {
-            Some(c) => format!("/v1/events?limit=1000&cursor={c}"),
-            None => "/v1/events?limit=1000".to_string(),
-        };
-        let (status, body) = http(collector.api, "GET", &path, &[], b"").unwrap();
-        assert_eq!(status, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        for e in v["events"].as_array().unwrap() {
+    collector.for_each_event_page(|events, next| {
+        for e in events {
             let id = e["id"].as_str().unwrap();
             order.push(id.trim_start_matches("o-").parse::<u64>().unwrap());
         }
-        match v["next_cursor"].as_str() {
-            Some(c) => {
-                let seq = u64::from_str_radix(&c[16..], 16).expect("cursor: time and sequence in hex");
-                assert!(seq < last_seq, "a newer event was stored before an older one");
-                last_seq = seq;
-                cursor = Some(c.to_string());
-            }
-            None => break,
+        if let Some(c) = next {
+            let seq = u64::from_str_radix(&c[16..], 16).expect("cursor: time and sequence in hex");
+            assert!(seq < last_seq, "a newer event was stored before an older one");
+            last_seq = seq;
         }
-    }
+    });
     order.reverse();
     assert_eq!(order.len() as u64, total);
     assert!(

@@ -86,25 +86,23 @@ fn fill(agent: &Agent, tag: &str, limit: usize) -> (Vec<String>, Option<(u16, St
     (acked, refusal)
 }
 
+/// Restarts the agent with its buffer in `dir` (on the small file system).
+fn move_buffer(agent: &mut Agent, dir: &Path) {
+    agent.proc.kill9();
+    let text = std::fs::read_to_string(agent.config_path()).unwrap();
+    let text = text.replace(&format!("dir = {:?}", agent.data_dir), &format!("dir = {dir:?}"));
+    assert!(text.contains(&format!("{dir:?}")), "{text}");
+    std::fs::write(agent.config_path(), text).unwrap();
+    agent.data_dir = dir.to_path_buf();
+    agent.restart();
+}
+
 fn ids_at(collector: &Collector) -> HashSet<String> {
     let mut ids = HashSet::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let path = match &cursor {
-            Some(c) => format!("/v1/events?limit=1000&cursor={c}"),
-            None => "/v1/events?limit=1000".to_string(),
-        };
-        let (status, body) = http(collector.api, "GET", &path, &[], b"").unwrap();
-        assert_eq!(status, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        for e in v["events"].as_array().unwrap() {
-            assert!(ids.insert(e["id"].as_str().unwrap().to_string()), "stored twice: {e}");
-        }
-        match v["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => return ids,
-        }
+    for id in collector.event_ids() {
+        assert!(ids.insert(id.clone()), "stored twice: {id}");
     }
+    ids
 }
 
 #[test]
@@ -118,16 +116,8 @@ fn a_full_file_system_gets_clear_errors_and_recovers_when_space_returns() {
     let mut opts = AgentOpts::new(&sb, "agent-a");
     opts.max_bytes = "1GiB".into();
     opts.extra_toml = String::new();
-    let config_dir = agent_fs.0.join("buffer");
     let mut agent = Agent::start(&sb, &collector.url(), opts.clone());
-    // Move the buffer onto the small file system: restart with the dir changed.
-    agent.proc.kill9();
-    let text = std::fs::read_to_string(agent.config_path()).unwrap();
-    let text = text.replace(&format!("dir = {:?}", agent.data_dir), &format!("dir = {config_dir:?}"));
-    assert!(text.contains(&format!("{config_dir:?}")), "{text}");
-    std::fs::write(agent.config_path(), text).unwrap();
-    agent.data_dir = config_dir.clone();
-    agent.restart();
+    move_buffer(&mut agent, &agent_fs.0.join("buffer"));
     collector.proc.kill9();
 
     let (mut acked, refusal) = fill(&agent, "a", 3_000_000);
@@ -251,16 +241,7 @@ fn a_full_file_system_under_drop_oldest_drops_counted_oldest_batches() {
     opts.max_bytes = "1GiB".into();
     opts.when_full = "drop_oldest".into();
     let mut agent = Agent::start(&sb, &collector.url(), opts);
-    agent.proc.kill9();
-    let dir = agent_fs.0.join("buffer");
-    let text = std::fs::read_to_string(agent.config_path()).unwrap();
-    std::fs::write(
-        agent.config_path(),
-        text.replace(&format!("dir = {:?}", agent.data_dir), &format!("dir = {dir:?}")),
-    )
-    .unwrap();
-    agent.data_dir = dir;
-    agent.restart();
+    move_buffer(&mut agent, &agent_fs.0.join("buffer"));
     collector.proc.kill9();
 
     let (acked, refusal) = fill(&agent, "d", 1_500_000);

@@ -49,13 +49,7 @@ fn agent_sigkill_during_concurrent_posts_keeps_every_acknowledged_event() {
                     let body = lines.join("\n");
                     loop {
                         let a = *addr.lock().unwrap();
-                        match http(
-                            a,
-                            "POST",
-                            "/v1/events",
-                            &[("Content-Type", "application/x-ndjson")],
-                            body.as_bytes(),
-                        ) {
+                        match post_ndjson_at(a, &body) {
                             Some((202, _)) => break,
                             _ => std::thread::sleep(Duration::from_millis(20)),
                         }
