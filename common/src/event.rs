@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::fingerprint::Fingerprinter;
 use crate::time::{format_rfc3339, parse_rfc3339_ns, UnixNanos};
@@ -431,6 +431,30 @@ pub enum BodyFormat {
     Ndjson,
 }
 
+/// Validates and pseudonymises events the proxy's adapters built, with the same rules as
+/// [`parse_body`]; all or nothing (an error names the event's index).
+pub fn parse_raw(
+    raws: Vec<RawEvent<'_>>,
+    fp: &Fingerprinter,
+    defaults: &dyn IngestDefaults,
+) -> Result<Vec<Event>, IngestError> {
+    raws.into_iter()
+        .enumerate()
+        .map(|(i, raw)| raw.into_event(fp, defaults).map_err(|e| e.at(i)))
+        .collect()
+}
+
+impl RawEvent<'static> {
+    /// An event held as a JSON value, read into fields; a value that is not an event of the
+    /// ingest schema is refused naming the field, as [`parse_body`] refuses it.
+    pub fn from_value(v: serde_json::Value) -> Result<RawEvent<'static>, IngestError> {
+        if let Some(e) = explain_value(&v) {
+            return Err(e);
+        }
+        RawEvent::deserialize(v).map_err(|e| IngestError::new("invalid_value", None, format!("invalid event: {e}")))
+    }
+}
+
 /// Validates events already held as JSON values (the proxy's adapters build them so) with the
 /// same rules as [`parse_body`], without printing and reparsing the JSON; all or nothing.
 pub fn parse_values(
@@ -505,64 +529,93 @@ fn too_many(max: usize) -> IngestError {
 }
 
 /// Integer unix milliseconds or an RFC 3339 string.
-#[derive(Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
-enum RawTime<'a> {
+pub enum RawTime<'a> {
     Millis(i64),
     #[serde(borrow)]
     Text(Cow<'a, str>),
 }
 
-/// The ingest JSON as it comes; validated by [`RawEvent::into_event`].
-#[derive(Deserialize)]
+/// An event as it comes, in the ingest schema (contract §5), before validation and
+/// pseudonymisation ([`parse_raw`]): parsed from a request body, or built field by field by
+/// the proxy's adapters (borrowing from the exchange they read). Serializes to the ingest
+/// JSON, absent fields left out.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawEvent<'a> {
+pub struct RawEvent<'a> {
     #[serde(rename = "type", borrow)]
-    event_type: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    id: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    time: Option<RawTime<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<RawTime<'a>>,
     #[serde(borrow)]
-    license_key: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub license_key: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    license: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub license: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    customer: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    product: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub product: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    plan: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    previous_plan: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_plan: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    region: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    user: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    domain: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    version: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    feature: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feature: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    machine: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    country: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub country: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    deployment: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    result: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    expires_at: Option<Cow<'a, str>>,
-    seats_used: Option<u64>,
-    seats_limit: Option<u64>,
-    domains_used: Option<u64>,
-    domains_limit: Option<u64>,
-    machines_used: Option<u64>,
-    machines_limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seats_used: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seats_limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domains_used: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domains_limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machines_used: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machines_limit: Option<u64>,
     #[serde(borrow)]
-    attrs: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attrs: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
 }
 
 /// The fields of contract §5 with the JSON type each must have; used to name the field of a

@@ -9,7 +9,7 @@
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use keytrail_agent::proxy::{gumroad::Gumroad, keygen::Keygen, lemonsqueezy::LemonSqueezy};
 use keytrail_agent::proxy::{Adapter, Capture, Exchange, Unreadable};
-use keytrail_common::event::{parse_values, Context, FixedDefaults};
+use keytrail_common::event::{parse_raw, Context, FixedDefaults};
 use keytrail_common::fingerprint::Fingerprinter;
 use libfuzzer_sys::fuzz_target;
 
@@ -45,7 +45,11 @@ fuzz_target!(|data: &[u8]| {
     let form = data[2] & 0x80 != 0;
     request_headers.insert(
         http::header::CONTENT_TYPE,
-        HeaderValue::from_static(if form { "application/x-www-form-urlencoded" } else { "application/json" }),
+        HeaderValue::from_static(if form {
+            "application/x-www-form-urlencoded"
+        } else {
+            "application/json"
+        }),
     );
     if data[1] & 0x80 != 0 {
         request_headers.insert(
@@ -71,6 +75,7 @@ fuzz_target!(|data: &[u8]| {
             bytes: response_body,
             complete: true,
         },
+        decoded: Default::default(),
     };
     let values = match adapter.events(&ex) {
         Ok(v) => v,
@@ -85,7 +90,7 @@ fuzz_target!(|data: &[u8]| {
         context: Context::default(),
         now: 1_795_000_000_000_000_000,
     };
-    match parse_values(&values, &fp, &d) {
+    match parse_raw(values, &fp, &d) {
         Ok(events) => {
             let key_elsewhere = data[4..].windows(RAW_KEY.len()).any(|w| w == RAW_KEY.as_bytes());
             for e in &events {

@@ -12,10 +12,10 @@
 use std::collections::BTreeMap;
 
 use http::Method;
-use keytrail_common::event::{EventType, ResultCode};
+use keytrail_common::event::{EventType, RawEvent, ResultCode};
 use serde_json::{Map, Value};
 
-use super::{new_event, Adapter, Exchange, Unreadable};
+use super::{Adapter, Exchange, Unreadable};
 
 /// Where a value comes from.
 #[derive(Debug, Clone, PartialEq)]
@@ -327,7 +327,7 @@ impl Generic {
 }
 
 impl Adapter for Generic {
-    fn events(&self, ex: &Exchange) -> Result<Vec<Value>, Unreadable> {
+    fn events<'a>(&self, ex: &'a Exchange) -> Result<Vec<RawEvent<'a>>, Unreadable> {
         let Some((route, vars)) = self
             .routes
             .iter()
@@ -337,7 +337,9 @@ impl Adapter for Generic {
         };
         let resp = ex.response_json()?;
         let req = ex.request_json();
-        let mut e: Map<String, Value> = new_event(ex, &route.event_type);
+        let mut e = Map::new();
+        e.insert("type".into(), route.event_type.clone().into());
+        e.insert("time".into(), (ex.time / 1_000_000).into());
         let mut attrs = Map::new();
         for (name, src) in &route.fields {
             let Some(v) = Self::value(ex, src, &req, &resp, &vars) else {
@@ -394,7 +396,11 @@ impl Adapter for Generic {
                 .to_string()
             });
         e.insert("result".into(), result.into());
-        Ok(vec![Value::Object(e)])
+        // Fields are named by configuration, so the event is built as JSON and read as the
+        // ingest parser reads a body.
+        let event = RawEvent::from_value(Value::Object(e))
+            .map_err(|err| Unreadable("invalid_event", format!("the route's event: {err}")))?;
+        Ok(vec![event])
     }
 }
 
@@ -427,6 +433,12 @@ mod tests {
         default = "invalid_format"
     "#;
 
+    /// The events as the ingest JSON.
+    fn values(g: &Generic, x: &Exchange) -> Result<Vec<Value>, Unreadable> {
+        g.events(x)
+            .map(|v| v.into_iter().map(|e| serde_json::to_value(e).unwrap()).collect())
+    }
+
     fn ex(method: Method, path: &str, body: &str, status: u16, resp: &str) -> Exchange {
         test_exchange(method.as_str(), path, &[("x-machine", "host-7")], body, status, resp)
     }
@@ -437,15 +449,17 @@ mod tests {
             routes: vec![Route::from_raw(0, &raw(ROUTE)).unwrap()],
         };
         let resp = r#"{"license":{"tier":"gold","state":"lapsed","seats":{"used":"4","max":5}}}"#;
-        let v = g
-            .events(&ex(
+        let v = values(
+            &g,
+            &ex(
                 Method::POST,
                 "/api/v2/licenses/L%2042/verify?channel=beta",
                 r#"{"key":"RAW-KEY"}"#,
                 200,
                 resp,
-            ))
-            .unwrap();
+            ),
+        )
+        .unwrap();
         assert_eq!(
             v,
             vec![
@@ -454,9 +468,7 @@ mod tests {
             ]
         );
         let result = |status, resp: &str| {
-            g.events(&ex(Method::POST, "/api/v2/licenses/x/verify", "{}", status, resp))
-                .unwrap()[0]["result"]
-                .clone()
+            values(&g, &ex(Method::POST, "/api/v2/licenses/x/verify", "{}", status, resp)).unwrap()[0]["result"].clone()
         };
         assert_eq!(result(429, "{}"), "rate_limited");
         assert_eq!(result(503, "oops"), "error", "a class");
@@ -467,14 +479,14 @@ mod tests {
             "default"
         );
         // Method, path shape: no match, no event.
-        assert!(g
-            .events(&ex(Method::GET, "/api/v2/licenses/x/verify", "", 200, "{}"))
+        assert!(values(&g, &ex(Method::GET, "/api/v2/licenses/x/verify", "", 200, "{}"))
             .unwrap()
             .is_empty());
-        assert!(g
-            .events(&ex(Method::POST, "/api/v2/licenses/x/verify/more", "", 200, "{}"))
-            .unwrap()
-            .is_empty());
+        assert!(
+            values(&g, &ex(Method::POST, "/api/v2/licenses/x/verify/more", "", 200, "{}"))
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -487,9 +499,11 @@ mod tests {
         let g = Generic {
             routes: vec![Route::from_raw(0, &r).unwrap()],
         };
-        let v = g
-            .events(&ex(Method::PUT, "/check/a/b", "license_key=K%2B1&device=d1", 201, ""))
-            .unwrap();
+        let v = values(
+            &g,
+            &ex(Method::PUT, "/check/a/b", "license_key=K%2B1&device=d1", 201, ""),
+        )
+        .unwrap();
         assert_eq!(
             (
                 v[0]["license_key"].as_str(),
@@ -498,28 +512,26 @@ mod tests {
             ),
             (Some("K+1"), Some("d1"), Some("valid"))
         );
-        let v = g
-            .events(&ex(Method::POST, "/check/x", "license_key=K", 404, ""))
-            .unwrap();
+        let v = values(&g, &ex(Method::POST, "/check/x", "license_key=K", 404, "")).unwrap();
         assert_eq!(v[0]["result"], "not_found");
         // A value the ingest rules would refuse is left out, not the whole event.
         let long = "m".repeat(300);
-        let v = g
-            .events(&ex(
+        let v = values(
+            &g,
+            &ex(
                 Method::POST,
                 "/check/x",
                 &format!("license_key=K&device={long}"),
                 200,
                 "",
-            ))
-            .unwrap();
+            ),
+        )
+        .unwrap();
         assert_eq!((v[0]["license_key"].as_str(), v[0].get("machine")), (Some("K"), None));
         assert!(!acceptable("expires_at", "2027-01-01"));
         assert!(acceptable("expires_at", "2027-01-01T00:00:00Z"));
         assert!(!acceptable("country", "Germany"));
-        let e = g
-            .events(&ex(Method::POST, "/check/x", "device=d", 200, ""))
-            .unwrap_err();
+        let e = values(&g, &ex(Method::POST, "/check/x", "device=d", 200, "")).unwrap_err();
         assert_eq!(e.0, "no_license");
     }
 

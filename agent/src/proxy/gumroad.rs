@@ -6,10 +6,15 @@
 //! message. `uses` counts verifications, not machines or seats, so it goes to an attribute;
 //! the buyer's email and the echoed key are never recorded.
 
-use http::{Method, StatusCode};
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 
-use super::{new_event, put_str, Adapter, Exchange, Unreadable};
+use http::{Method, StatusCode};
+use keytrail_common::event::RawEvent;
+use serde::Deserialize;
+
+use super::json::{Obj, Scalar};
+use super::{new_event, Adapter, Exchange, Unreadable};
 
 pub struct Gumroad;
 
@@ -17,14 +22,49 @@ fn is_verify(method: &Method, path: &str) -> bool {
     (method == Method::POST || method == Method::GET) && path.trim_end_matches('/').ends_with("/v2/licenses/verify")
 }
 
+/// The parts of a Gumroad answer the adapter reads.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Answer<'a> {
+    #[serde(borrow)]
+    success: Scalar<'a>,
+    #[serde(borrow)]
+    message: Scalar<'a>,
+    #[serde(borrow)]
+    uses: Scalar<'a>,
+    #[serde(borrow)]
+    purchase: Obj<Purchase<'a>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Purchase<'a> {
+    #[serde(borrow)]
+    product_id: Scalar<'a>,
+    #[serde(borrow)]
+    variants: Scalar<'a>,
+    #[serde(borrow)]
+    is_multiseat_license: Scalar<'a>,
+    #[serde(borrow)]
+    quantity: Scalar<'a>,
+    #[serde(borrow)]
+    refunded: Scalar<'a>,
+    #[serde(borrow)]
+    chargebacked: Scalar<'a>,
+    #[serde(borrow)]
+    disputed: Scalar<'a>,
+    #[serde(borrow)]
+    subscription_failed_at: Scalar<'a>,
+    #[serde(borrow)]
+    subscription_cancelled_at: Scalar<'a>,
+    #[serde(borrow)]
+    subscription_ended_at: Scalar<'a>,
+}
+
 /// The contract result (docs/adapters.md).
-fn result(status: StatusCode, resp: Option<&Value>) -> &'static str {
-    let success = resp.and_then(|r| r.get("success")).and_then(Value::as_bool);
-    let message = resp
-        .and_then(|r| r.get("message"))
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_ascii_lowercase();
+fn result(status: StatusCode, resp: Option<&Answer>) -> &'static str {
+    let success = resp.and_then(|r| r.success.as_bool());
+    let message = resp.and_then(|r| r.message.as_str()).unwrap_or("").to_ascii_lowercase();
     match status.as_u16() {
         200..=299 if success == Some(true) => "valid",
         429 => "rate_limited",
@@ -39,57 +79,62 @@ fn result(status: StatusCode, resp: Option<&Value>) -> &'static str {
 }
 
 impl Adapter for Gumroad {
-    fn events(&self, ex: &Exchange) -> Result<Vec<Value>, Unreadable> {
+    fn events<'a>(&self, ex: &'a Exchange) -> Result<Vec<RawEvent<'a>>, Unreadable> {
         if !is_verify(&ex.method, &ex.path) {
             return Ok(Vec::new());
         }
-        let resp = ex.response_json()?;
-        let mut e: Map<String, Value> = new_event(ex, "license.validated");
-        e.insert("result".into(), result(ex.status, resp.as_ref()).into());
+        let resp: Option<Answer> = ex.response()?;
+        let mut e = new_event(ex, "license.validated");
+        e.result = Some(Cow::Borrowed(result(ex.status, resp.as_ref())));
         let key = ex
             .request_field("license_key")
             .filter(|k| !k.is_empty())
             .ok_or_else(|| Unreadable("no_license", "no license_key in the request".into()))?;
-        e.insert("license_key".into(), key.into());
-        let product = ex
+        e.license_key = Some(key);
+        let requested = ex
             .request_field("product_id")
-            .or_else(|| ex.request_field("product_permalink"))
-            .map(Value::String);
-        put_str(
-            &mut e,
-            "product",
-            product
-                .as_ref()
-                .or(resp.as_ref().and_then(|r| r.pointer("/purchase/product_id"))),
-        );
-        if let Some(p) = resp.as_ref().and_then(|r| r.get("purchase")).filter(|p| p.is_object()) {
-            put_str(&mut e, "plan", p.get("variants"));
-            if p.get("is_multiseat_license").and_then(Value::as_bool) == Some(true) {
-                if let Some(q) = p.get("quantity").and_then(Value::as_u64) {
-                    e.insert("seats_limit".into(), q.into());
-                }
+            .or_else(|| ex.request_field("product_permalink"));
+        let Some(Answer { uses, purchase, .. }) = resp else {
+            e.product = requested.and_then(|p| Scalar::Str(p).into_short());
+            return Ok(vec![e]);
+        };
+        let purchase = purchase.0;
+        e.product = match requested {
+            Some(p) => Scalar::Str(p).into_short(),
+            None => purchase.as_ref().and_then(|p| p.product_id.clone().into_short()),
+        };
+        if let Some(p) = purchase {
+            e.plan = p.variants.into_short();
+            if p.is_multiseat_license.as_bool() == Some(true) {
+                e.seats_limit = p.quantity.as_u64();
             }
-            let mut attrs = Map::new();
-            put_str(&mut attrs, "gumroad_uses", resp.as_ref().and_then(|r| r.get("uses")));
-            for flag in ["refunded", "chargebacked", "disputed"] {
-                if p.get(flag).and_then(Value::as_bool) == Some(true) {
-                    attrs.insert(format!("gumroad_{flag}"), "true".into());
-                }
+            let mut attrs = BTreeMap::new();
+            if let Some(u) = uses.into_short() {
+                attrs.insert(Cow::Borrowed("gumroad_uses"), u);
             }
-            for (field, state) in [
-                ("subscription_failed_at", "failed"),
-                ("subscription_cancelled_at", "cancelled"),
-                ("subscription_ended_at", "ended"),
+            for (flag, v) in [
+                ("gumroad_refunded", &p.refunded),
+                ("gumroad_chargebacked", &p.chargebacked),
+                ("gumroad_disputed", &p.disputed),
             ] {
-                if p.get(field).is_some_and(|v| !v.is_null()) {
-                    attrs.insert("gumroad_subscription".into(), state.into());
+                if v.as_bool() == Some(true) {
+                    attrs.insert(Cow::Borrowed(flag), Cow::Borrowed("true"));
+                }
+            }
+            for (at, state) in [
+                (&p.subscription_failed_at, "failed"),
+                (&p.subscription_cancelled_at, "cancelled"),
+                (&p.subscription_ended_at, "ended"),
+            ] {
+                if *at != Scalar::Absent {
+                    attrs.insert(Cow::Borrowed("gumroad_subscription"), Cow::Borrowed(state));
                 }
             }
             if !attrs.is_empty() {
-                e.insert("attrs".into(), Value::Object(attrs));
+                e.attrs = Some(attrs);
             }
         }
-        Ok(vec![Value::Object(e)])
+        Ok(vec![e])
     }
 }
 
@@ -97,7 +142,7 @@ impl Adapter for Gumroad {
 mod tests {
     use super::*;
     use crate::proxy::test_exchange;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn ex(query: Option<&str>, form: &str, status: u16, resp: &str) -> Exchange {
         let path = match query {
@@ -110,7 +155,7 @@ mod tests {
     fn one(x: &Exchange) -> Value {
         let mut v = Gumroad.events(x).unwrap();
         assert_eq!(v.len(), 1);
-        v.remove(0)
+        serde_json::to_value(v.remove(0)).unwrap()
     }
 
     #[test]

@@ -8,11 +8,16 @@
 //! allowed overage, or an expired license that keeps access) is recorded as `valid`, with the
 //! usage that shows the overage and the code in `attrs.keygen_code`.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
 use base64::Engine as _;
 use http::{header, Method, StatusCode};
+use keytrail_common::event::RawEvent;
 use keytrail_common::time::parse_rfc3339_ns;
-use serde_json::{json, Map, Value};
+use serde::Deserialize;
 
+use super::json::{First, Obj, Scalar};
 use super::{new_event, Adapter, Exchange, Unreadable};
 
 pub struct Keygen;
@@ -100,11 +105,160 @@ pub fn code_result(code: &str) -> &'static str {
     }
 }
 
+/// The parts of a Keygen answer the adapter reads.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Answer<'a> {
+    #[serde(borrow)]
+    data: Obj<LicenseDoc<'a>>,
+    #[serde(borrow)]
+    meta: Obj<Meta<'a>>,
+    #[serde(borrow)]
+    errors: First<ErrorDoc<'a>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Meta<'a> {
+    #[serde(borrow)]
+    valid: Scalar<'a>,
+    #[serde(borrow)]
+    code: Scalar<'a>,
+    /// API versions 1.0 and 1.1.
+    #[serde(borrow)]
+    constant: Scalar<'a>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct ErrorDoc<'a> {
+    #[serde(borrow)]
+    code: Scalar<'a>,
+}
+
+/// A license document (`data` of a validation answer).
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct LicenseDoc<'a> {
+    #[serde(borrow)]
+    id: Scalar<'a>,
+    #[serde(borrow)]
+    attributes: Obj<LicenseAttributes<'a>>,
+    #[serde(borrow)]
+    relationships: Obj<Relationships<'a>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct LicenseAttributes<'a> {
+    #[serde(borrow)]
+    key: Scalar<'a>,
+    #[serde(borrow)]
+    expiry: Scalar<'a>,
+    #[serde(borrow)]
+    max_machines: Scalar<'a>,
+    #[serde(borrow)]
+    max_users: Scalar<'a>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Relationships<'a> {
+    #[serde(borrow)]
+    machines: Obj<Counted<'a>>,
+    #[serde(borrow)]
+    users: Obj<Counted<'a>>,
+    #[serde(borrow)]
+    policy: Obj<Related<'a>>,
+    #[serde(borrow)]
+    product: Obj<Related<'a>>,
+    #[serde(borrow)]
+    license: Obj<Related<'a>>,
+}
+
+/// `{"meta": {"count": n}}`
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Counted<'a> {
+    #[serde(borrow)]
+    meta: Obj<Count<'a>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Count<'a> {
+    #[serde(borrow)]
+    count: Scalar<'a>,
+}
+
+/// `{"data": {"id": …}}`
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Related<'a> {
+    #[serde(borrow)]
+    data: Obj<Id<'a>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Id<'a> {
+    #[serde(borrow)]
+    id: Scalar<'a>,
+}
+
+impl<'a> Related<'a> {
+    fn id(&self) -> Option<&Scalar<'a>> {
+        self.data.get().map(|d| &d.id)
+    }
+}
+
+/// A validation request: `{"meta": {"key": …, "scope": {"fingerprint": …}}}`.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct ValidateRequest<'a> {
+    #[serde(borrow)]
+    meta: Obj<ValidateMeta<'a>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct ValidateMeta<'a> {
+    #[serde(borrow)]
+    key: Scalar<'a>,
+    #[serde(borrow)]
+    scope: Obj<Scope<'a>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Scope<'a> {
+    #[serde(borrow)]
+    fingerprint: Scalar<'a>,
+}
+
+/// A machine activation: `{"data": {"attributes": {"fingerprint": …}, "relationships":
+/// {"license": {"data": {"id": …}}}}}`.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct ActivateRequest<'a> {
+    #[serde(borrow)]
+    data: Obj<MachineDoc<'a>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct MachineDoc<'a> {
+    #[serde(borrow)]
+    attributes: Obj<Scope<'a>>,
+    #[serde(borrow)]
+    relationships: Obj<Relationships<'a>>,
+}
+
 /// The result of a non-validation answer, by HTTP status (and the first error's code).
-fn status_result(status: StatusCode, body: Option<&Value>) -> &'static str {
-    let code = body
-        .and_then(|b| b.pointer("/errors/0/code"))
-        .and_then(Value::as_str)
+fn status_result(status: StatusCode, answer: Option<&Answer>) -> &'static str {
+    let code = answer
+        .and_then(|a| a.errors.get())
+        .and_then(|e| e.code.as_str())
         .unwrap_or("");
     match status.as_u16() {
         200..=299 => "valid",
@@ -117,36 +271,19 @@ fn status_result(status: StatusCode, body: Option<&Value>) -> &'static str {
 }
 
 /// License fields of a license document (`data` of a validation answer).
-fn license_fields(e: &mut Map<String, Value>, data: &Value) {
-    let attr = |name: &str| data.pointer(&format!("/attributes/{name}"));
-    if let Some(n) = attr("maxMachines").and_then(Value::as_u64) {
-        e.insert("machines_limit".into(), n.into());
+fn license_fields<'a>(e: &mut RawEvent<'a>, data: &LicenseDoc<'a>) {
+    if let Some(a) = data.attributes.get() {
+        e.machines_limit = a.max_machines.as_u64();
+        e.seats_limit = a.max_users.as_u64();
+        e.expires_at = a.expiry.clone().into_str().filter(|x| parse_rfc3339_ns(x).is_some());
     }
-    if let Some(n) = data
-        .pointer("/relationships/machines/meta/count")
-        .and_then(Value::as_u64)
-    {
-        e.insert("machines_used".into(), n.into());
-    }
-    if let Some(n) = attr("maxUsers").and_then(Value::as_u64) {
-        e.insert("seats_limit".into(), n.into());
-    }
-    if let Some(n) = data.pointer("/relationships/users/meta/count").and_then(Value::as_u64) {
-        e.insert("seats_used".into(), n.into());
-    }
-    if let Some(x) = attr("expiry")
-        .and_then(Value::as_str)
-        .filter(|x| parse_rfc3339_ns(x).is_some())
-    {
-        e.insert("expires_at".into(), x.into());
-    }
-    for (field, pointer) in [
-        ("plan", "/relationships/policy/data/id"),
-        ("product", "/relationships/product/data/id"),
-    ] {
-        if let Some(v) = data.pointer(pointer).and_then(Value::as_str).filter(|v| v.len() <= 128) {
-            e.insert(field.into(), v.into());
-        }
+    if let Some(r) = data.relationships.get() {
+        let count = |c: &Obj<Counted>| c.get()?.meta.get()?.count.as_u64();
+        e.machines_used = count(&r.machines);
+        e.seats_used = count(&r.users);
+        let id = |rel: &Obj<Related<'a>>| rel.get()?.id()?.clone().into_str().filter(|v| v.len() <= 128);
+        e.plan = id(&r.policy);
+        e.product = id(&r.product);
     }
 }
 
@@ -166,18 +303,18 @@ fn is_uuid(s: &str) -> bool {
 
 /// Identity: a key wins over a license id (one license, one pseudonym). A "license id" that is
 /// not a UUID is a key Keygen accepts in its place: pseudonymised as a key, never stored raw.
-fn identify(e: &mut Map<String, Value>, key: Option<String>, license_id: Option<&str>) -> Result<(), Unreadable> {
+fn identify<'a>(
+    e: &mut RawEvent<'a>,
+    key: Option<Cow<'a, str>>,
+    license_id: Option<Cow<'a, str>>,
+) -> Result<(), Unreadable> {
     let (key, license_id) = match (key, license_id) {
-        (None, Some(id)) if !is_uuid(id) => (Some(id.to_string()), None),
+        (None, Some(id)) if !is_uuid(&id) => (Some(id), None),
         other => other,
     };
     match (key, license_id) {
-        (Some(k), _) => {
-            e.insert("license_key".into(), k.into());
-        }
-        (None, Some(id)) if !id.is_empty() && id.len() <= 128 => {
-            e.insert("license".into(), id.into());
-        }
+        (Some(k), _) => e.license_key = Some(k),
+        (None, Some(id)) if !id.is_empty() && id.len() <= 128 => e.license = Some(id),
         _ => {
             return Err(Unreadable(
                 "no_license",
@@ -188,34 +325,34 @@ fn identify(e: &mut Map<String, Value>, key: Option<String>, license_id: Option<
     Ok(())
 }
 
-/// The machine fingerprint at `pointer` of the request body, when there is one.
-fn put_machine(e: &mut Map<String, Value>, request: Option<&Value>, pointer: &str) {
-    if let Some(fp) = request
-        .and_then(|r| r.pointer(pointer))
-        .and_then(Value::as_str)
-        .filter(|f| !f.is_empty())
-    {
-        e.insert("machine".into(), fp.into());
-    }
+/// A machine fingerprint, when there is one.
+fn machine<'a>(fingerprint: Option<&Scalar<'a>>) -> Option<Cow<'a, str>> {
+    fingerprint?.clone().into_str().filter(|f| !f.is_empty())
+}
+
+fn keygen_code<'a>(code: Option<&str>) -> Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>> {
+    let c = code.filter(|c| c.len() <= 64)?;
+    Some(BTreeMap::from([(
+        Cow::Borrowed("keygen_code"),
+        Cow::Owned(c.to_string()),
+    )]))
 }
 
 impl Adapter for Keygen {
-    fn events(&self, ex: &Exchange) -> Result<Vec<Value>, Unreadable> {
+    fn events<'a>(&self, ex: &'a Exchange) -> Result<Vec<RawEvent<'a>>, Unreadable> {
         let Some(call) = call(&ex.method, &ex.path) else {
             return Ok(Vec::new());
         };
-        let req = ex.request_json();
-        let resp = ex.response_json()?;
+        let answer: Option<Answer> = ex.response()?;
+        let answer = answer.as_ref();
         let mut e;
         match call {
             Call::ValidateKey | Call::ValidateById(_) => {
                 e = new_event(ex, "license.validated");
-                let meta = resp.as_ref().and_then(|r| r.get("meta"));
-                let code = meta
-                    .and_then(|m| m.get("code").or_else(|| m.get("constant")))
-                    .and_then(Value::as_str);
-                let result = match (meta.and_then(|m| m.get("valid")).and_then(Value::as_bool), code) {
-                    _ if !ex.status.is_success() => status_result(ex.status, resp.as_ref()),
+                let meta = answer.and_then(|a| a.meta.get());
+                let code = meta.and_then(|m| m.code.as_str().or_else(|| m.constant.as_str()));
+                let result = match (meta.and_then(|m| m.valid.as_bool()), code) {
+                    _ if !ex.status.is_success() => status_result(ex.status, answer),
                     (Some(true), _) => "valid",
                     (_, Some(c)) => code_result(c),
                     (Some(false), None) => "error",
@@ -223,55 +360,50 @@ impl Adapter for Keygen {
                         return Err(Unreadable("unreadable_response", "no meta.valid or meta.code".into()));
                     }
                 };
-                e.insert("result".into(), result.into());
-                if let Some(c) = code.filter(|c| c.len() <= 64) {
-                    e.insert("attrs".into(), json!({ "keygen_code": c }));
-                }
-                let data = resp.as_ref().and_then(|r| r.get("data")).filter(|d| d.is_object());
+                e.result = Some(Cow::Borrowed(result));
+                e.attrs = keygen_code(code);
+                let data = answer.and_then(|a| a.data.get());
                 if let Some(d) = data {
                     license_fields(&mut e, d);
                 }
-                let body_key = req
-                    .as_ref()
-                    .and_then(|r| r.pointer("/meta/key"))
-                    .and_then(Value::as_str);
-                let echoed_key = data.and_then(|d| d.pointer("/attributes/key")).and_then(Value::as_str);
-                let key = body_key.or(echoed_key).map(str::to_string).or_else(|| auth_key(ex));
+                let req: Option<ValidateRequest> = ex.request();
+                let req_meta = req.as_ref().and_then(|r| r.meta.get());
+                let body_key = req_meta.and_then(|m| m.key.clone().into_str());
+                let echoed_key = data
+                    .and_then(|d| d.attributes.get())
+                    .and_then(|a| a.key.clone().into_str());
+                let key = body_key.or(echoed_key).or_else(|| auth_key(ex).map(Cow::Owned));
                 let id = match call {
-                    Call::ValidateById(id) => Some(id),
-                    _ => data.and_then(|d| d.get("id")).and_then(Value::as_str),
+                    Call::ValidateById(id) => Some(Cow::Borrowed(id)),
+                    _ => data.and_then(|d| d.id.clone().into_str()),
                 };
                 identify(&mut e, key, id)?;
-                put_machine(&mut e, req.as_ref(), "/meta/scope/fingerprint");
+                e.machine = machine(req_meta.and_then(|m| m.scope.get()).map(|s| &s.fingerprint));
             }
             Call::Activate => {
                 e = new_event(ex, "license.activated");
-                e.insert("result".into(), status_result(ex.status, resp.as_ref()).into());
-                let license_id = req
-                    .as_ref()
-                    .and_then(|r| r.pointer("/data/relationships/license/data/id"))
-                    .and_then(Value::as_str);
-                identify(&mut e, auth_key(ex), license_id)?;
-                put_machine(&mut e, req.as_ref(), "/data/attributes/fingerprint");
-                if let Some(c) = resp
-                    .as_ref()
-                    .and_then(|r| r.pointer("/errors/0/code"))
-                    .and_then(Value::as_str)
-                    .filter(|c| c.len() <= 64)
-                {
-                    e.insert("attrs".into(), json!({ "keygen_code": c }));
-                }
+                e.result = Some(Cow::Borrowed(status_result(ex.status, answer)));
+                let req: Option<ActivateRequest> = ex.request();
+                let machine_doc = req.as_ref().and_then(|r| r.data.get());
+                let license_id = machine_doc
+                    .and_then(|d| d.relationships.get())
+                    .and_then(|r| r.license.get())
+                    .and_then(|l| l.id())
+                    .and_then(|id| id.clone().into_str());
+                identify(&mut e, auth_key(ex).map(Cow::Owned), license_id)?;
+                e.machine = machine(machine_doc.and_then(|d| d.attributes.get()).map(|a| &a.fingerprint));
+                e.attrs = keygen_code(answer.and_then(|a| a.errors.get()).and_then(|e| e.code.as_str()));
             }
             Call::Deactivate(machine) => {
                 e = new_event(ex, "license.deactivated");
-                e.insert("result".into(), status_result(ex.status, resp.as_ref()).into());
-                identify(&mut e, auth_key(ex), None)?;
+                e.result = Some(Cow::Borrowed(status_result(ex.status, answer)));
+                identify(&mut e, auth_key(ex).map(Cow::Owned), None)?;
                 if !machine.is_empty() {
-                    e.insert("machine".into(), machine.into());
+                    e.machine = Some(Cow::Borrowed(machine));
                 }
             }
         }
-        Ok(vec![Value::Object(e)])
+        Ok(vec![e])
     }
 }
 
@@ -280,6 +412,7 @@ mod tests {
     use super::*;
     use crate::proxy::test_exchange;
     use http::HeaderValue;
+    use serde_json::{json, Value};
 
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/license-apis/");
 
@@ -297,7 +430,7 @@ mod tests {
     fn one(x: &Exchange) -> Value {
         let mut v = Keygen.events(x).unwrap();
         assert_eq!(v.len(), 1);
-        v.remove(0)
+        serde_json::to_value(v.remove(0)).unwrap()
     }
 
     const VALIDATE_KEY: &str = "/v1/accounts/acme/licenses/actions/validate-key";

@@ -6,11 +6,16 @@
 //! pseudonymise to the same `mf_`. Instance names (often host names) and the customer's name
 //! and email are never recorded.
 
-use http::{Method, StatusCode};
-use keytrail_common::time::parse_rfc3339_ns;
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 
-use super::{new_event, put_str, Adapter, Exchange, Unreadable};
+use http::{Method, StatusCode};
+use keytrail_common::event::RawEvent;
+use keytrail_common::time::parse_rfc3339_ns;
+use serde::Deserialize;
+
+use super::json::{Obj, Scalar};
+use super::{new_event, Adapter, Exchange, Unreadable};
 
 pub struct LemonSqueezy;
 
@@ -33,25 +38,72 @@ fn route(method: &Method, path: &str) -> Option<Route> {
     }
 }
 
+/// The parts of a Lemon Squeezy answer the adapter reads.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Answer<'a> {
+    #[serde(borrow)]
+    activated: Scalar<'a>,
+    #[serde(borrow)]
+    valid: Scalar<'a>,
+    #[serde(borrow)]
+    deactivated: Scalar<'a>,
+    #[serde(borrow)]
+    error: Scalar<'a>,
+    #[serde(borrow)]
+    license_key: Obj<LicenseKey<'a>>,
+    #[serde(borrow)]
+    instance: Obj<Instance<'a>>,
+    #[serde(borrow)]
+    meta: Obj<Meta<'a>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct LicenseKey<'a> {
+    #[serde(borrow)]
+    status: Scalar<'a>,
+    #[serde(borrow)]
+    activation_limit: Scalar<'a>,
+    #[serde(borrow)]
+    activation_usage: Scalar<'a>,
+    #[serde(borrow)]
+    expires_at: Scalar<'a>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Instance<'a> {
+    #[serde(borrow)]
+    id: Scalar<'a>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Meta<'a> {
+    #[serde(borrow)]
+    variant_name: Scalar<'a>,
+    #[serde(borrow)]
+    product_name: Scalar<'a>,
+    #[serde(borrow)]
+    customer_id: Scalar<'a>,
+    #[serde(borrow)]
+    product_id: Scalar<'a>,
+    #[serde(borrow)]
+    variant_id: Scalar<'a>,
+}
+
 /// The contract result (docs/adapters.md).
-fn result(route: Route, status: StatusCode, resp: Option<&Value>) -> &'static str {
+fn result(route: Route, status: StatusCode, resp: Option<&Answer>) -> &'static str {
     let flag = resp
-        .and_then(|r| {
-            r.get(match route {
-                Route::Activate => "activated",
-                Route::Validate => "valid",
-                Route::Deactivate => "deactivated",
-            })
+        .map(|r| match route {
+            Route::Activate => &r.activated,
+            Route::Validate => &r.valid,
+            Route::Deactivate => &r.deactivated,
         })
-        .and_then(Value::as_bool);
-    let ls_status = resp
-        .and_then(|r| r.pointer("/license_key/status"))
-        .and_then(Value::as_str);
-    let error = resp
-        .and_then(|r| r.get("error"))
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_ascii_lowercase();
+        .and_then(Scalar::as_bool);
+    let ls_status = resp.and_then(|r| r.license_key.get()).and_then(|l| l.status.as_str());
+    let error = resp.and_then(|r| r.error.as_str()).unwrap_or("").to_ascii_lowercase();
     let by_license_status = match ls_status {
         Some("expired") => Some("expired"),
         Some("disabled") => Some("suspended"),
@@ -88,12 +140,12 @@ fn result(route: Route, status: StatusCode, resp: Option<&Value>) -> &'static st
 }
 
 impl Adapter for LemonSqueezy {
-    fn events(&self, ex: &Exchange) -> Result<Vec<Value>, Unreadable> {
+    fn events<'a>(&self, ex: &'a Exchange) -> Result<Vec<RawEvent<'a>>, Unreadable> {
         let Some(route) = route(&ex.method, &ex.path) else {
             return Ok(Vec::new());
         };
-        let resp = ex.response_json()?;
-        let mut e: Map<String, Value> = new_event(
+        let resp: Option<Answer> = ex.response()?;
+        let mut e = new_event(
             ex,
             match route {
                 Route::Activate => "license.activated",
@@ -101,52 +153,47 @@ impl Adapter for LemonSqueezy {
                 Route::Deactivate => "license.deactivated",
             },
         );
-        e.insert("result".into(), result(route, ex.status, resp.as_ref()).into());
+        e.result = Some(Cow::Borrowed(result(route, ex.status, resp.as_ref())));
         let key = ex
             .request_field("license_key")
             .filter(|k| !k.is_empty())
             .ok_or_else(|| Unreadable("no_license", "no license_key in the request".into()))?;
-        e.insert("license_key".into(), key.into());
+        e.license_key = Some(key);
         let instance = match route {
             Route::Activate => resp
                 .as_ref()
-                .and_then(|r| r.pointer("/instance/id"))
-                .and_then(Value::as_str)
-                .map(str::to_string),
+                .and_then(|r| r.instance.get())
+                .and_then(|i| i.id.clone().into_str()),
             _ => ex.request_field("instance_id"),
         };
-        if let Some(i) = instance.filter(|i| !i.is_empty() && i.len() <= 256) {
-            e.insert("machine".into(), i.into());
-        }
-        if let Some(r) = &resp {
-            let lk = r.get("license_key").filter(|v| v.is_object());
-            if let Some(lk) = lk {
-                if let Some(n) = lk.get("activation_limit").and_then(Value::as_u64) {
-                    e.insert("machines_limit".into(), n.into());
-                }
-                if let Some(n) = lk.get("activation_usage").and_then(Value::as_u64) {
-                    e.insert("machines_used".into(), n.into());
-                }
-                if let Some(x) = lk
-                    .get("expires_at")
-                    .and_then(Value::as_str)
-                    .filter(|x| parse_rfc3339_ns(x).is_some())
-                {
-                    e.insert("expires_at".into(), x.into());
+        e.machine = instance.filter(|i| !i.is_empty() && i.len() <= 256);
+        if let Some(r) = resp {
+            let Answer { license_key, meta, .. } = r;
+            let mut attrs = BTreeMap::new();
+            if let Some(lk) = license_key.0 {
+                e.machines_limit = lk.activation_limit.as_u64();
+                e.machines_used = lk.activation_usage.as_u64();
+                e.expires_at = lk.expires_at.into_str().filter(|x| parse_rfc3339_ns(x).is_some());
+                if let Some(s) = lk.status.into_short() {
+                    attrs.insert(Cow::Borrowed("ls_status"), s);
                 }
             }
-            put_str(&mut e, "plan", r.pointer("/meta/variant_name"));
-            put_str(&mut e, "product", r.pointer("/meta/product_name"));
-            put_str(&mut e, "customer", r.pointer("/meta/customer_id"));
-            let mut attrs = Map::new();
-            put_str(&mut attrs, "ls_status", lk.and_then(|l| l.get("status")));
-            put_str(&mut attrs, "ls_product_id", r.pointer("/meta/product_id"));
-            put_str(&mut attrs, "ls_variant_id", r.pointer("/meta/variant_id"));
+            if let Some(m) = meta.0 {
+                e.plan = m.variant_name.into_short();
+                e.product = m.product_name.into_short();
+                e.customer = m.customer_id.into_short();
+                if let Some(p) = m.product_id.into_short() {
+                    attrs.insert(Cow::Borrowed("ls_product_id"), p);
+                }
+                if let Some(v) = m.variant_id.into_short() {
+                    attrs.insert(Cow::Borrowed("ls_variant_id"), v);
+                }
+            }
             if !attrs.is_empty() {
-                e.insert("attrs".into(), Value::Object(attrs));
+                e.attrs = Some(attrs);
             }
         }
-        Ok(vec![Value::Object(e)])
+        Ok(vec![e])
     }
 }
 
@@ -155,7 +202,7 @@ mod tests {
     use super::*;
     use crate::proxy::test_exchange;
     use http::HeaderValue;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/license-apis/");
 
@@ -171,7 +218,7 @@ mod tests {
     fn one(x: &Exchange) -> Value {
         let mut v = LemonSqueezy.events(x).unwrap();
         assert_eq!(v.len(), 1);
-        v.remove(0)
+        serde_json::to_value(v.remove(0)).unwrap()
     }
 
     #[test]

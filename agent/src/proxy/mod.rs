@@ -29,9 +29,11 @@
 
 pub mod generic;
 pub mod gumroad;
+pub mod json;
 pub mod keygen;
 pub mod lemonsqueezy;
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -44,7 +46,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use keytrail_common::event::{self, Context, IngestDefaults};
+use keytrail_common::event::{self, Context, IngestDefaults, RawEvent, RawTime};
 use keytrail_common::fingerprint::Fingerprinter;
 use keytrail_common::time::{now_ns, UnixNanos};
 use keytrail_common::wire;
@@ -91,7 +93,7 @@ pub struct Capture {
 }
 
 /// One request and its response, as the adapters see them. Holds raw keys: memory only.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Exchange {
     pub time: UnixNanos,
     pub method: Method,
@@ -103,7 +105,14 @@ pub struct Exchange {
     pub status: StatusCode,
     pub response_headers: HeaderMap,
     pub response_body: Capture,
+    /// The response body decompressed, once an adapter asked for it (`Default::default()`
+    /// when building an exchange).
+    pub decoded: Decoded,
 }
+
+/// A decompressed copy of a response body, made on first use.
+#[derive(Debug, Clone, Default)]
+pub struct Decoded(std::cell::OnceCell<Result<Vec<u8>, Unreadable>>);
 
 impl Exchange {
     /// A query parameter, percent-decoded.
@@ -111,29 +120,57 @@ impl Exchange {
         form_value(self.query.as_deref()?.as_bytes(), name)
     }
 
+    /// The request body read as `T` (see [`json`]), when it is a JSON object.
+    pub fn request<'a, T: serde::Deserialize<'a>>(&'a self) -> Option<T> {
+        json::parse::<json::Obj<T>>(&self.request_body.bytes).ok()?.0
+    }
+
+    /// A request parameter as license APIs accept them: a top-level field of a JSON body, a
+    /// field of a form-encoded body, or a query parameter (in that order).
+    pub fn request_field(&self, name: &str) -> Option<Cow<'_, str>> {
+        let body = &self.request_body.bytes;
+        let from_body = if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            json::top_field(body, name).and_then(json::Scalar::into_text)
+        } else {
+            form_value(body, name).map(Cow::Owned)
+        };
+        from_body.or_else(|| self.query_param(name).map(Cow::Owned))
+    }
+
+    /// The response body read as `T` (see [`json`]): `Ok(None)` for an empty body, a body
+    /// that is not a JSON object, or a non-JSON error page.
+    pub fn response<'a, T: serde::Deserialize<'a>>(&'a self) -> Result<Option<T>, Unreadable> {
+        let Some(bytes) = self.response_bytes()? else {
+            return Ok(None);
+        };
+        match json::parse::<json::Obj<T>>(bytes) {
+            Ok(v) => Ok(v.0),
+            // Error pages of proxies and load balancers in front of the server are often HTML.
+            Err(_) if !self.status.is_success() => Ok(None),
+            Err(e) => Err(Unreadable("unreadable_response", format!("response is not JSON: {e}"))),
+        }
+    }
+
+    /// The response body as JSON (`Ok(None)` as for [`Exchange::response`]), for adapters
+    /// that look fields up by configured JSON pointers.
+    pub fn response_json(&self) -> Result<Option<serde_json::Value>, Unreadable> {
+        let Some(bytes) = self.response_bytes()? else {
+            return Ok(None);
+        };
+        match serde_json::from_slice(bytes) {
+            Ok(v) => Ok(Some(v)),
+            Err(_) if !self.status.is_success() => Ok(None),
+            Err(e) => Err(Unreadable("unreadable_response", format!("response is not JSON: {e}"))),
+        }
+    }
+
     /// The request body as JSON, when it is JSON.
     pub fn request_json(&self) -> Option<serde_json::Value> {
         serde_json::from_slice(&self.request_body.bytes).ok()
     }
 
-    /// A request parameter as license APIs accept them: a top-level field of a JSON body, a
-    /// field of a form-encoded body, or a query parameter (in that order).
-    pub fn request_field(&self, name: &str) -> Option<String> {
-        let body = &self.request_body.bytes;
-        let from_body = if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
-            self.request_json().and_then(|v| match v.get(name)? {
-                serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            })
-        } else {
-            form_value(body, name)
-        };
-        from_body.or_else(|| self.query_param(name))
-    }
-
-    /// The response body as JSON: `Ok(None)` for an empty body or a non-JSON error page.
-    pub fn response_json(&self) -> Result<Option<serde_json::Value>, Unreadable> {
+    /// The response body's bytes, decompressed: `None` when there is no body to read.
+    fn response_bytes(&self) -> Result<Option<&[u8]>, Unreadable> {
         if matches!(self.status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED) || self.method == Method::HEAD {
             return Ok(None);
         }
@@ -146,23 +183,20 @@ impl Exchange {
         if self.response_body.bytes.is_empty() {
             return Ok(None);
         }
-        let decoded;
-        let bytes = match self
+        match self
             .response_headers
             .get(header::CONTENT_ENCODING)
             .map(|v| v.as_bytes())
         {
-            None | Some(b"identity") => &self.response_body.bytes[..],
-            Some(enc) => {
-                decoded = decompress(enc, &self.response_body.bytes)?;
-                &decoded[..]
-            }
-        };
-        match serde_json::from_slice(bytes) {
-            Ok(v) => Ok(Some(v)),
-            // Error pages of proxies and load balancers in front of the server are often HTML.
-            Err(_) if !self.status.is_success() => Ok(None),
-            Err(e) => Err(Unreadable("unreadable_response", format!("response is not JSON: {e}"))),
+            None | Some(b"identity") => Ok(Some(&self.response_body.bytes[..])),
+            Some(enc) => match self
+                .decoded
+                .0
+                .get_or_init(|| decompress(enc, &self.response_body.bytes))
+            {
+                Ok(d) => Ok(Some(&d[..])),
+                Err(e) => Err(e.clone()),
+            },
         }
     }
 }
@@ -207,23 +241,12 @@ fn decompress(encoding: &[u8], bytes: &[u8]) -> Result<Vec<u8>, Unreadable> {
     Ok(out)
 }
 
-/// An event of the ingest schema under construction: type and time set.
-pub fn new_event(ex: &Exchange, ty: &str) -> serde_json::Map<String, serde_json::Value> {
-    let mut e = serde_json::Map::new();
-    e.insert("type".into(), ty.into());
-    e.insert("time".into(), (ex.time / 1_000_000).into());
-    e
-}
-
-/// Sets `field` to a short string value (ids and names over 128 bytes are left out).
-pub fn put_str(e: &mut serde_json::Map<String, serde_json::Value>, field: &str, v: Option<&serde_json::Value>) {
-    let s = match v {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(serde_json::Value::Number(n)) => n.to_string(),
-        _ => return,
-    };
-    if !s.is_empty() && s.len() <= 128 {
-        e.insert(field.into(), s.into());
+/// An event of the ingest schema under construction: type and time (the exchange's) set.
+pub fn new_event<'a>(ex: &Exchange, ty: &'static str) -> RawEvent<'a> {
+    RawEvent {
+        event_type: Some(Cow::Borrowed(ty)),
+        time: Some(RawTime::Millis(ex.time / 1_000_000)),
+        ..RawEvent::default()
     }
 }
 
@@ -257,13 +280,14 @@ fn percent_decode(s: &[u8]) -> Option<String> {
 }
 
 /// Why an adapter could not turn an exchange into events (a reason label and a detail).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Unreadable(pub &'static str, pub String);
 
-/// Turns license-server exchanges into events of the ingest schema (`license_key` raw).
+/// Turns license-server exchanges into events of the ingest schema (`license_key` raw),
+/// borrowing what it can from the exchange.
 pub trait Adapter: Send + Sync {
     /// The events of one exchange; an empty list for calls that are not license events.
-    fn events(&self, ex: &Exchange) -> Result<Vec<serde_json::Value>, Unreadable>;
+    fn events<'a>(&self, ex: &'a Exchange) -> Result<Vec<RawEvent<'a>>, Unreadable>;
 }
 
 /// The adapter `[proxy]` names.
@@ -614,6 +638,7 @@ impl Proxy {
                 status,
                 response_headers,
                 response_body,
+                decoded: Default::default(),
             };
             let mut staged = staged.lock().expect("staged exchanges");
             if staged.len() < RECORD_QUEUE {
@@ -804,7 +829,7 @@ fn record_one(
         metrics.proxy_unrecorded.add(&["body_incomplete"], 1);
         return 0;
     }
-    let values = match adapter.events(ex) {
+    let mut values = match adapter.events(ex) {
         Ok(v) => v,
         Err(Unreadable(reason, detail)) => {
             // Not the path: Keygen accepts keys in it.
@@ -816,10 +841,11 @@ fn record_one(
     if values.is_empty() {
         return 0;
     }
-    let n = values.len().min(MAX_EVENTS_PER_EXCHANGE);
+    values.truncate(MAX_EVENTS_PER_EXCHANGE);
+    let n = values.len();
     defaults.now.set(ex.time.saturating_add(defaults.clock.correction()));
     // The same validation and pseudonymisation as POST /v1/events, without a JSON round trip.
-    match event::parse_values(&values[..n], fingerprinter, defaults) {
+    match event::parse_raw(values, fingerprinter, defaults) {
         Ok(events) => {
             for e in &events {
                 wire::append_event(e, records);
@@ -880,6 +906,7 @@ pub(crate) fn test_exchange(
             bytes: response.as_bytes().to_vec(),
             complete: true,
         },
+        decoded: Default::default(),
     }
 }
 
@@ -1167,5 +1194,56 @@ mod tests {
             Box::new(move |c| *g.lock().unwrap() = Some(c)),
         ));
         assert!(!got.lock().unwrap().take().unwrap().complete);
+    }
+}
+
+/// The recorder's CPU per exchange, on the proxy bench's Keygen call. A measurement, not a
+/// test (no assertion on time): `cargo test --release -p keytrail-agent recorder_cost --
+/// --ignored --nocapture`.
+#[cfg(test)]
+mod cost {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn recorder_cost() {
+        let ex = test_exchange(
+            "POST",
+            "/v1/accounts/acme/licenses/actions/validate-key",
+            &[
+                ("content-type", "application/vnd.api+json"),
+                ("accept", "application/vnd.api+json"),
+            ],
+            r#"{"meta":{"key":"C1B6DE-39A6E3-DE1529-8559A0-4AF593-V3","scope":{"fingerprint":"4d:Eq:UV:D3:XZ:tL"}}}"#,
+            200,
+            r#"{"data":{"id":"8f1d2c3b-0a9e-4f5d-8c7b-6a5e4d3c2b1a","type":"licenses","attributes":{"expiry":"2027-06-01T00:00:00.000Z","maxMachines":5},"relationships":{"machines":{"meta":{"count":3}},"policy":{"data":{"type":"policies","id":"pro"}}}},"meta":{"ts":"2026-11-23T10:00:00.000Z","valid":true,"detail":"is valid","code":"VALID"}}"#,
+        );
+        let fp = Fingerprinter::new(b"bench-secret".to_vec());
+        let defaults = RecorderDefaults::new(
+            "bench".into(),
+            Context::default(),
+            Arc::new(crate::ship::AgentClock::default()),
+        );
+        let metrics = AgentMetrics::default();
+        let adapter = keygen::Keygen;
+        let mut records = Vec::new();
+        let n = 200_000;
+        for round in 0..3 {
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                records.clear();
+                assert_eq!(record_one(&ex, &adapter, &fp, &defaults, &metrics, &mut records), 1);
+            }
+            let per = start.elapsed().as_nanos() as f64 / n as f64;
+            let adapter_only = std::time::Instant::now();
+            for _ in 0..n {
+                std::hint::black_box(adapter.events(&ex).unwrap());
+            }
+            let adapter_per = adapter_only.elapsed().as_nanos() as f64 / n as f64;
+            println!(
+                "round {round}: record_one {per:.0} ns/exchange, of which the adapter {adapter_per:.0} ns; {} wire bytes",
+                records.len()
+            );
+        }
     }
 }
