@@ -66,8 +66,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if let (Some(p), Some(adapter)) = (&config.proxy, proxy_adapter) {
         let upstream = proxy::Upstream::parse(&p.upstream).map_err(anyhow::Error::msg)?;
         let (tx, rx) = proxy::record_channel();
-        let px = proxy::Proxy::new(upstream, p.upstream_ca.as_deref(), tx, Arc::clone(&metrics))
-            .map_err(anyhow::Error::msg)?;
+        let keep_headers = adapter.request_headers();
+        let px = proxy::Proxy::new(
+            upstream,
+            p.upstream_ca.as_deref(),
+            keep_headers,
+            tx,
+            Arc::clone(&metrics),
+        )
+        .map_err(anyhow::Error::msg)?;
         let l = tokio::net::TcpListener::bind(p.listen)
             .await
             .with_context(|| format!("binding the proxy on {}", p.listen))?;

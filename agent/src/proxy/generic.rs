@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use http::Method;
+use http::{HeaderName, Method};
 use keytrail_common::event::{EventType, RawEvent, ResultCode};
 use serde_json::{Map, Value};
 
@@ -44,7 +44,11 @@ impl Source {
             "request" => Source::Request(pointer(arg)?),
             "response" => Source::Response(pointer(arg)?),
             "query" if !arg.is_empty() => Source::Query(arg.to_string()),
-            "header" if !arg.is_empty() => Source::Header(arg.to_ascii_lowercase()),
+            "header" if !arg.is_empty() => {
+                http::HeaderName::from_bytes(arg.as_bytes())
+                    .map_err(|_| format!("{s:?}: {arg:?} is not an HTTP header name"))?;
+                Source::Header(arg.to_ascii_lowercase())
+            }
             "path" if !arg.is_empty() => Source::Path(arg.to_string()),
             "const" => Source::Const(arg.to_string()),
             _ => return Err(format!("{s:?}: unknown source {kind:?} or empty name")),
@@ -327,6 +331,21 @@ impl Generic {
 }
 
 impl Adapter for Generic {
+    fn request_headers(&self) -> Vec<HeaderName> {
+        let mut names: Vec<HeaderName> = self
+            .routes
+            .iter()
+            .flat_map(|r| r.fields.iter().map(|(_, src)| src).chain(r.result_field.as_ref()))
+            .filter_map(|src| match src {
+                Source::Header(n) => HeaderName::from_bytes(n.as_bytes()).ok(),
+                _ => None,
+            })
+            .collect();
+        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        names.dedup();
+        names
+    }
+
     fn events<'a>(&self, ex: &'a Exchange) -> Result<Vec<RawEvent<'a>>, Unreadable> {
         let Some((route, vars)) = self
             .routes
@@ -448,6 +467,8 @@ mod tests {
         let g = Generic {
             routes: vec![Route::from_raw(0, &raw(ROUTE)).unwrap()],
         };
+        // The proxy copies only the headers a route reads into the exchange.
+        assert_eq!(g.request_headers(), [HeaderName::from_static("x-machine")]);
         let resp = r#"{"license":{"tier":"gold","state":"lapsed","seats":{"used":"4","max":5}}}"#;
         let v = values(
             &g,
@@ -542,6 +563,10 @@ mod tests {
             assert!(e.contains(want), "{e}");
         };
         let base = "path = \"/v\"\ntype = \"license.validated\"\n";
+        bad(
+            &format!("{base}fields = {{ license_key = \"header:bad name\" }}"),
+            "not an HTTP header name",
+        );
         bad(
             &format!("{base}fields = {{ license_key = \"body:/k\" }}"),
             "proxy.routes[3].fields.license_key",

@@ -344,7 +344,10 @@ mod tests {
         assert!(d.errors.get().is_none(), "the first element is not an object");
         assert!(parse::<Doc>(br#"{"name":"x"} trailing"#).is_err());
         assert!(parse::<Obj<Doc>>(br#"[1]"#).unwrap().get().is_none(), "not an object");
-        assert!(parse::<Obj<Doc>>(br#""text""#).unwrap().get().is_none(), "not an object");
+        assert!(
+            parse::<Obj<Doc>>(br#""text""#).unwrap().get().is_none(),
+            "not an object"
+        );
     }
 
     #[test]

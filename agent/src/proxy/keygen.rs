@@ -339,6 +339,10 @@ fn keygen_code<'a>(code: Option<&str>) -> Option<BTreeMap<Cow<'a, str>, Cow<'a, 
 }
 
 impl Adapter for Keygen {
+    fn request_headers(&self) -> Vec<http::HeaderName> {
+        vec![header::AUTHORIZATION]
+    }
+
     fn events<'a>(&self, ex: &'a Exchange) -> Result<Vec<RawEvent<'a>>, Unreadable> {
         let Some(call) = call(&ex.method, &ex.path) else {
             return Ok(Vec::new());

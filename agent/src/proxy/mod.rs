@@ -100,9 +100,11 @@ pub struct Exchange {
     /// The path as the client sent it.
     pub path: String,
     pub query: Option<String>,
+    /// The headers the adapter asked for ([`Adapter::request_headers`]), copied.
     pub request_headers: HeaderMap,
     pub request_body: Capture,
     pub status: StatusCode,
+    /// `Content-Encoding` and `Content-Type`, copied.
     pub response_headers: HeaderMap,
     pub response_body: Capture,
     /// The response body decompressed, once an adapter asked for it (`Default::default()`
@@ -288,6 +290,11 @@ pub struct Unreadable(pub &'static str, pub String);
 pub trait Adapter: Send + Sync {
     /// The events of one exchange; an empty list for calls that are not license events.
     fn events<'a>(&self, ex: &'a Exchange) -> Result<Vec<RawEvent<'a>>, Unreadable>;
+
+    /// The request headers the adapter reads: the proxy copies only these into an exchange.
+    fn request_headers(&self) -> Vec<HeaderName> {
+        Vec::new()
+    }
 }
 
 /// The adapter `[proxy]` names.
@@ -442,6 +449,10 @@ type Idle = (Sender, std::time::Instant);
 /// The proxy: one per agent, shared by every connection.
 pub struct Proxy {
     upstream: Upstream,
+    /// The `Host` header sent upstream.
+    host: Option<HeaderValue>,
+    /// The request headers the adapter reads ([`Adapter::request_headers`]).
+    keep_headers: Vec<HeaderName>,
     tls: Option<tokio_rustls::TlsConnector>,
     idle: Arc<Mutex<Vec<Idle>>>,
     recorder: tokio::sync::mpsc::Sender<Exchange>,
@@ -454,10 +465,12 @@ pub struct Proxy {
 type ProxyBody = Either<Tee<Incoming>, Full<Bytes>>;
 
 impl Proxy {
-    /// `ca`: the roots an `https://` upstream is checked against (the system's when `None`).
+    /// `ca`: the roots an `https://` upstream is checked against (the system's when `None`);
+    /// `keep_headers`: the request headers the adapter reads.
     pub fn new(
         upstream: Upstream,
         ca: Option<&std::path::Path>,
+        keep_headers: Vec<HeaderName>,
         recorder: tokio::sync::mpsc::Sender<Exchange>,
         metrics: Arc<AgentMetrics>,
     ) -> Result<Proxy, String> {
@@ -468,7 +481,9 @@ impl Proxy {
             None
         };
         Ok(Proxy {
+            host: HeaderValue::from_str(&upstream.authority).ok(),
             upstream,
+            keep_headers,
             tls,
             idle: Arc::new(Mutex::new(Vec::new())),
             recorder,
@@ -589,7 +604,7 @@ impl Proxy {
         let request_slot: Arc<Mutex<Option<Capture>>> = Arc::default();
         let slot = Arc::clone(&request_slot);
         let body = Tee::new(body, Box::new(move |c| *slot.lock().expect("capture slot") = Some(c)));
-        let request_headers = parts.headers.clone();
+        let request_headers = copy_headers(&parts.headers, &self.keep_headers);
         strip_hop_by_hop(&mut parts.headers);
         let target = match &query {
             Some(q) => format!("{}{path}?{q}", self.upstream.base_path),
@@ -605,8 +620,8 @@ impl Proxy {
             }
         };
         parts.version = http::Version::HTTP_11;
-        if let Ok(h) = HeaderValue::from_str(&self.upstream.authority) {
-            parts.headers.insert(header::HOST, h);
+        if let Some(h) = &self.host {
+            parts.headers.insert(header::HOST, h.clone());
         }
         let method = parts.method.clone();
         let resp = match self.send(Request::from_parts(parts, body)).await {
@@ -623,7 +638,7 @@ impl Proxy {
         let (mut rparts, rbody) = resp.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
         let status = rparts.status;
-        let response_headers = rparts.headers.clone();
+        let response_headers = copy_headers(&rparts.headers, &[header::CONTENT_ENCODING, header::CONTENT_TYPE]);
         let staged = Arc::clone(&self.staged);
         let metrics = Arc::clone(&self.metrics);
         let done = Box::new(move |response_body: Capture| {
@@ -649,6 +664,20 @@ impl Proxy {
         });
         Ok(Response::from_parts(rparts, Either::Left(Tee::new(rbody, done))))
     }
+}
+
+/// Copies of the named headers. Copies, not clones: a clone shares the connection's read
+/// buffer and keeps it alive until the recorder is done, so the connection could not reuse it.
+fn copy_headers(from: &HeaderMap, names: &[HeaderName]) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in names {
+        for v in from.get_all(name) {
+            if let Ok(v) = HeaderValue::from_bytes(v.as_bytes()) {
+                out.append(name.clone(), v);
+            }
+        }
+    }
+    out
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<ProxyBody> {
@@ -1049,7 +1078,16 @@ mod tests {
             None => (format!("http://{up_addr}"), None),
         };
         let upstream = Upstream::parse(&url).unwrap();
-        let proxy = Arc::new(Proxy::new(upstream, ca.as_deref(), tx, Arc::new(AgentMetrics::default())).unwrap());
+        let proxy = Arc::new(
+            Proxy::new(
+                upstream,
+                ca.as_deref(),
+                vec![header::AUTHORIZATION],
+                tx,
+                Arc::new(AgentMetrics::default()),
+            )
+            .unwrap(),
+        );
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (_stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -1089,6 +1127,31 @@ mod tests {
             assert_eq!(ex.request_body.bytes, format!("abc{i}").as_bytes());
             assert!(ex.response_body.complete);
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exchanges_keep_only_the_headers_adapters_read() {
+        let Echo { addr, mut rx, .. } = proxy_in_front_of_echo().await;
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::post("/v1/x")
+            .header(header::AUTHORIZATION, "License K-1")
+            .header(header::COOKIE, "session=secret")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(
+            resp.headers()["x-upstream-version"],
+            "HTTP/1.1",
+            "passed on to the client"
+        );
+        resp.into_body().collect().await.unwrap();
+        let ex = rx.recv().await.unwrap();
+        let names: Vec<&str> = ex.request_headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["authorization"]);
+        assert_eq!(ex.request_headers[header::AUTHORIZATION], "License K-1");
+        assert!(ex.response_headers.get("x-upstream-version").is_none());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! `keytrail-proxy-bench`: the latency the agent's proxy adds to a license call, against a
 //! direct connection and against nginx as a reverse proxy, measured in the same run.
 //!
-//! keytrail-proxy-bench [--requests 20000] [--rounds 3] [--seconds 5]
+//! keytrail-proxy-bench [--requests 20000] [--rounds 3] [--seconds 5] [--targets keytrail,nginx]
 //!
 //! Starts a Keygen-shaped upstream (keep-alive, answers a validate-key call), a keytrail agent
 //! with `[proxy] adapter = "keygen"` in front of it (recording every call into its durable
@@ -10,7 +10,9 @@
 //! installed (`scripts/bench-deps.sh`).
 //! Per round and target: sequential requests on one keep-alive connection (p50/p99 latency),
 //! then 16 connections for `--seconds` (requests/s). Targets are interleaved round by round;
-//! medians over rounds are printed as Markdown. A measuring tool, not a test.
+//! medians over rounds are printed as Markdown. `--targets` limits the run to some of the
+//! proxies (the direct call always runs, as the baseline), e.g. to profile one of them. A
+//! measuring tool, not a test.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -176,6 +178,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let (mut requests, mut rounds, mut seconds) = (20_000usize, 3usize, 5u64);
+    let mut only: Option<Vec<String>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_else(|| die(&format!("{a} needs a value")));
@@ -183,6 +186,7 @@ fn main() {
             "--requests" => requests = v.parse().unwrap_or_else(|_| die("--requests: a count")),
             "--rounds" => rounds = v.parse().unwrap_or_else(|_| die("--rounds: a count")),
             "--seconds" => seconds = v.parse().unwrap_or_else(|_| die("--seconds: a duration")),
+            "--targets" => only = Some(v.split(',').map(str::to_string).collect()),
             _ => die(&format!("unknown argument {a}")),
         }
     }
@@ -206,11 +210,22 @@ fn main() {
     );
     let agent = keytrail_tests::Agent::start(&sb, "https://127.0.0.1:9", opts);
     let proxy = agent.proxy.unwrap_or_else(|| die("the agent did not start its proxy"));
-    let ng = nginx(sb.path("").as_path(), up.addr);
+    let wanted = |name: &str| {
+        only.as_ref()
+            .is_none_or(|o| o.iter().any(|t| name.starts_with(t.as_str())))
+    };
+    let ng = if wanted("nginx") {
+        nginx(sb.path("").as_path(), up.addr)
+    } else {
+        None
+    };
     if ng.is_none() {
         eprintln!("nginx not found: run scripts/bench-deps.sh for the side-by-side figures");
     }
-    let mut targets: Vec<(&str, SocketAddr)> = vec![("direct", up.addr), ("keytrail proxy", proxy)];
+    let mut targets: Vec<(&str, SocketAddr)> = vec![("direct", up.addr)];
+    if wanted("keytrail") {
+        targets.push(("keytrail proxy", proxy));
+    }
     if let Some((_, a)) = &ng {
         targets.push(("nginx", *a));
     }
