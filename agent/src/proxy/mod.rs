@@ -541,8 +541,9 @@ impl Proxy {
     async fn send(&self, mut req: Request<UpstreamBody>) -> Result<Response<Incoming>, String> {
         loop {
             let pooled = {
+                let now = std::time::Instant::now();
                 let mut idle = self.idle.lock().expect("idle pool");
-                idle.retain(|(_, since)| since.elapsed() < IDLE_FOR);
+                idle.retain(|(_, since)| now.duration_since(*since) < IDLE_FOR);
                 idle.pop().map(|(s, _)| s)
             };
             let fresh = pooled.is_none();
@@ -606,6 +607,9 @@ impl Proxy {
         let body = Tee::new(body, Box::new(move |c| *slot.lock().expect("capture slot") = Some(c)));
         let request_headers = copy_headers(&parts.headers, &self.keep_headers);
         strip_hop_by_hop(&mut parts.headers);
+        if parts.version == http::Version::HTTP_2 {
+            join_cookies(&mut parts.headers);
+        }
         let target = match &query {
             Some(q) => format!("{}{path}?{q}", self.upstream.base_path),
             None => format!("{}{path}", self.upstream.base_path),
@@ -663,6 +667,24 @@ impl Proxy {
             }
         });
         Ok(Response::from_parts(rparts, Either::Left(Tee::new(rbody, done))))
+    }
+}
+
+/// HTTP/2 clients may send each cookie as a header field of its own (RFC 9113 §8.2.3); an
+/// HTTP/1.1 request carries them in one `Cookie` field, joined with "; ".
+fn join_cookies(h: &mut HeaderMap) {
+    if h.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in h.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
     }
 }
 
@@ -1046,11 +1068,21 @@ mod tests {
                 tokio::spawn(async move {
                     let svc = service_fn(|req: Request<Incoming>| async move {
                         let version = format!("{:?}", req.version());
+                        let cookies: Vec<String> = req
+                            .headers()
+                            .get_all(header::COOKIE)
+                            .iter()
+                            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                            .collect();
                         let mut body = req.into_body().collect().await?.to_bytes().to_vec();
                         body.reverse();
                         let mut r = Response::new(Full::new(Bytes::from(body)));
                         r.headers_mut()
                             .insert("x-upstream-version", HeaderValue::from_str(&version).unwrap());
+                        r.headers_mut().insert(
+                            "x-upstream-cookies",
+                            HeaderValue::from_str(&cookies.join(" | ")).unwrap(),
+                        );
                         Ok::<_, hyper::Error>(r)
                     });
                     match acceptor {
@@ -1114,11 +1146,15 @@ mod tests {
         tokio::spawn(conn);
         for i in 0..3 {
             let req = Request::post(format!("http://{addr}/v1/licenses/actions/validate-key?n={i}"))
+                .header(header::COOKIE, "a=1")
+                .header(header::COOKIE, "b=2")
                 .body(Full::new(Bytes::from(format!("abc{i}"))))
                 .unwrap();
             let resp = sender.send_request(req).await.unwrap();
             assert_eq!(resp.version(), http::Version::HTTP_2);
             assert_eq!(resp.headers()["x-upstream-version"], "HTTP/1.1");
+            // Cookies split into fields (as HTTP/2 allows) reach HTTP/1.1 as one field.
+            assert_eq!(resp.headers()["x-upstream-cookies"], "a=1; b=2");
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], format!("{i}cba").as_bytes());
             let ex = rx.recv().await.unwrap();
