@@ -61,7 +61,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // The proxy: its listener, and the recorder that turns its exchanges into events.
     let mut proxy_addr = None;
-    let mut proxy_tasks = Vec::new();
+    let mut recorder_thread = None;
     let mut proxy_thread = None;
     if let (Some(p), Some(adapter)) = (&config.proxy, proxy_adapter) {
         let upstream = proxy::Upstream::parse(&p.upstream).map_err(anyhow::Error::msg)?;
@@ -84,17 +84,33 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             config.context.clone(),
             Arc::clone(&clock),
         );
-        proxy_tasks.push(tokio::spawn(proxy::run_recorder(
+        let recorder = proxy::run_recorder(
             rx,
             adapter,
             Fingerprinter::from_file(&config.fingerprint_secret_file).map_err(anyhow::Error::msg)?,
             defaults,
             appender.clone(),
             Arc::clone(&metrics),
-        )));
+        );
+        // Recording runs on a thread of its own at a lower scheduling priority (nice +10): it
+        // is off the request path, so when the cores are contended, the proxy, its clients and
+        // its upstream run first and recording catches up in the gaps (its queue absorbs the
+        // bursts). Measured in docs/benchmarks.md.
+        recorder_thread = Some(
+            std::thread::Builder::new()
+                .name("keytrail-record".into())
+                .spawn(move || {
+                    lower_thread_priority(10);
+                    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(rt) => rt.block_on(recorder),
+                        Err(e) => tracing::error!(error = %e, "starting the recorder's runtime failed; proxied calls are not recorded"),
+                    }
+                })
+                .context("starting the proxy's recorder thread")?,
+        );
         // The proxy runs on its own single-threaded runtime: a request, its upstream exchange
         // and its response stay on one thread, with no cross-core wake-ups on the request path
-        // (the way nginx's event loop works). Recording runs on the main runtime.
+        // (the way nginx's event loop works). Recording runs on its own thread (above).
         let listener = l.into_std()?;
         let (px, stop) = (Arc::new(px), stop_rx.clone());
         proxy_thread = Some(
@@ -165,8 +181,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if let Some(t) = proxy_thread {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
-    for t in proxy_tasks {
-        if tokio::time::timeout(std::time::Duration::from_secs(10), t)
+    if let Some(t) = recorder_thread {
+        let joined = tokio::task::spawn_blocking(move || t.join());
+        if tokio::time::timeout(std::time::Duration::from_secs(10), joined)
             .await
             .is_err()
         {
@@ -187,4 +204,19 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 /// `keytrail-agent validate`: the config and every file it names.
 pub fn validate(config: &AgentConfig) -> Result<(), String> {
     config.check_files()
+}
+
+/// Raises the calling thread's nice value by `by` (Linux: the nice value is per thread). A
+/// failure only costs priority, so it is logged, not returned.
+fn lower_thread_priority(by: i32) {
+    // SAFETY: plain system calls on the calling thread; no memory is passed.
+    #[allow(unsafe_code)]
+    let r = unsafe {
+        let tid = libc::gettid();
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, (now + by).min(19))
+    };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "lowering a thread's priority failed");
+    }
 }

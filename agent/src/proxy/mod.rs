@@ -585,7 +585,13 @@ impl Proxy {
 
     /// Hands the staged exchanges to the recorder; what its queue cannot take is counted.
     fn hand_off(&self) {
-        let batch = std::mem::take(&mut *self.staged.lock().expect("staged exchanges"));
+        let batch = {
+            let mut staged = self.staged.lock().expect("staged exchanges");
+            // The next interval's room, allocated once (growing it exchange by exchange would
+            // copy it over and over).
+            let room = staged.len().next_power_of_two().min(RECORD_QUEUE);
+            std::mem::replace(&mut *staged, Vec::with_capacity(room))
+        };
         let mut refused = 0;
         for ex in batch {
             if self.recorder.try_send(ex).is_err() {

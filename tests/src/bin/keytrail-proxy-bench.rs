@@ -10,7 +10,8 @@
 //! installed (`scripts/bench-deps.sh`).
 //! Per round and target: sequential requests on one keep-alive connection (p50/p99 latency),
 //! then 16 connections for `--seconds` (requests/s). Targets are interleaved round by round;
-//! medians over rounds are printed as Markdown. `--targets` limits the run to some of the
+//! medians over rounds are printed as Markdown. With `BENCH_TRACE=prefix`, each target's
+//! sequential requests (start and latency, µs) are written to `prefix-<port>`. `--targets` limits the run to some of the
 //! proxies (the direct call always runs, as the baseline), e.g. to profile one of them. A
 //! measuring tool, not a test.
 
@@ -96,13 +97,26 @@ fn latencies(addr: SocketAddr, n: usize) -> (f64, f64) {
     for _ in 0..n / 10 {
         c.call(); // warm-up
     }
+    let t0 = Instant::now();
+    let mut started = Vec::with_capacity(n);
     let mut t: Vec<Duration> = (0..n)
         .map(|_| {
             let s = Instant::now();
             c.call();
+            started.push(s - t0);
             s.elapsed()
         })
         .collect();
+    if let Ok(prefix) = std::env::var("BENCH_TRACE") {
+        // Each request's start and latency in µs, to look for a pattern in the slow ones.
+        let lines: String = started
+            .iter()
+            .zip(&t)
+            .map(|(s, d)| format!("{} {}\n", s.as_micros(), d.as_micros()))
+            .collect();
+        let path = format!("{prefix}-{}", addr.port());
+        std::fs::write(&path, lines).unwrap_or_else(|e| die(&format!("writing {path}: {e}")));
+    }
     t.sort();
     let at = |p: f64| t[((t.len() as f64 * p).ceil() as usize).clamp(1, t.len()) - 1].as_secs_f64() * 1e6;
     (at(0.50), at(0.99))
