@@ -72,6 +72,8 @@ const IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Events one exchange may turn into.
 const MAX_EVENTS_PER_EXCHANGE: usize = 16;
+/// Exchanges the recorder handles between two yields of its thread (~100 µs of work).
+const YIELD_EVERY: usize = 32;
 
 /// Reasons an exchange was not recorded (`keytrail_proxy_unrecorded_total{reason}`).
 pub const UNRECORDED_REASONS: [&[&str]; 7] = [
@@ -455,7 +457,7 @@ pub struct Proxy {
     keep_headers: Vec<HeaderName>,
     tls: Option<tokio_rustls::TlsConnector>,
     idle: Arc<Mutex<Vec<Idle>>>,
-    recorder: tokio::sync::mpsc::Sender<Exchange>,
+    recorder: RecordSender,
     /// Finished exchanges, handed to `recorder` every [`HANDOFF_EVERY`].
     staged: Arc<Mutex<Vec<Exchange>>>,
     metrics: Arc<AgentMetrics>,
@@ -471,7 +473,7 @@ impl Proxy {
         upstream: Upstream,
         ca: Option<&std::path::Path>,
         keep_headers: Vec<HeaderName>,
-        recorder: tokio::sync::mpsc::Sender<Exchange>,
+        recorder: RecordSender,
         metrics: Arc<AgentMetrics>,
     ) -> Result<Proxy, String> {
         let tls = if upstream.tls {
@@ -583,23 +585,13 @@ impl Proxy {
         });
     }
 
-    /// Hands the staged exchanges to the recorder; what its queue cannot take is counted.
+    /// Hands the staged exchanges to the recorder when it has taken the previous batch; while
+    /// it is still on that one, they stay staged (up to [`RECORD_QUEUE`], beyond which new
+    /// exchanges are counted as `queue_full`).
     fn hand_off(&self) {
-        let batch = {
-            let mut staged = self.staged.lock().expect("staged exchanges");
-            // The next interval's room, allocated once (growing it exchange by exchange would
-            // copy it over and over).
-            let room = staged.len().next_power_of_two().min(RECORD_QUEUE);
-            std::mem::replace(&mut *staged, Vec::with_capacity(room))
-        };
-        let mut refused = 0;
-        for ex in batch {
-            if self.recorder.try_send(ex).is_err() {
-                refused += 1;
-            }
-        }
-        if refused > 0 {
-            self.metrics.proxy_unrecorded.add(&["queue_full"], refused);
+        let mut staged = self.staged.lock().expect("staged exchanges");
+        if !staged.is_empty() {
+            self.recorder.offer(&mut staged);
         }
     }
 
@@ -706,6 +698,16 @@ fn copy_headers(from: &HeaderMap, names: &[HeaderName]) -> HeaderMap {
         }
     }
     out
+}
+
+impl Drop for Proxy {
+    /// Everything staged goes to the recorder, including the exchanges of connections that
+    /// ended while the proxy stopped; then the recorder sees the hand-over closed.
+    fn drop(&mut self) {
+        if let Ok(mut staged) = self.staged.lock() {
+            self.recorder.flush(&mut staged);
+        }
+    }
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<ProxyBody> {
@@ -835,7 +837,7 @@ impl IngestDefaults for RecorderDefaults {
 /// validation) → buffer. Exchanges that arrived together go into one append (one group
 /// commit). Never blocks the proxy: the proxy only `try_send`s to this task.
 pub async fn run_recorder(
-    mut rx: tokio::sync::mpsc::Receiver<Exchange>,
+    mut rx: RecordReceiver,
     adapter: Box<dyn Adapter>,
     fingerprinter: Fingerprinter,
     defaults: RecorderDefaults,
@@ -843,10 +845,16 @@ pub async fn run_recorder(
     metrics: Arc<AgentMetrics>,
 ) {
     let mut exchanges = Vec::new();
-    while rx.recv_many(&mut exchanges, 1024).await > 0 {
-        let mut records = Vec::new();
+    while rx.recv_many(&mut exchanges).await > 0 {
+        let mut records = Vec::with_capacity(exchanges.len() * 256);
         let mut count = 0u32;
-        for ex in exchanges.drain(..) {
+        for (i, ex) in exchanges.drain(..).enumerate() {
+            if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                // Gives the core back to whatever waits for it: on Linux's EEVDF scheduler a
+                // thread woken on this core may otherwise wait for this one's whole time slice
+                // (~1 ms seen), and that thread is often the proxy's client or upstream.
+                std::thread::yield_now();
+            }
             let n = record_one(&ex, adapter.as_ref(), &fingerprinter, &defaults, &metrics, &mut records);
             count += n;
         }
@@ -917,12 +925,102 @@ fn record_one(
     }
 }
 
-/// `RECORD_QUEUE`-deep channel between the proxy and its recorder.
-pub fn record_channel() -> (
-    tokio::sync::mpsc::Sender<Exchange>,
-    tokio::sync::mpsc::Receiver<Exchange>,
-) {
-    tokio::sync::mpsc::channel(RECORD_QUEUE)
+/// The hand-over between the proxy and its recorder: one batch at a time, passed by swapping
+/// vectors, so neither side allocates or copies exchanges in the steady state and the recorder
+/// is woken once per batch.
+#[derive(Default)]
+struct Handover {
+    /// The batch waiting for the recorder; empty when it has taken it.
+    full: Mutex<Vec<Exchange>>,
+    closed: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+/// The proxy's side of the hand-over.
+pub struct RecordSender(Arc<Handover>);
+
+impl RecordSender {
+    /// Moves `staged` over (leaving it empty, with the previous batch's room) if the recorder
+    /// has taken the previous batch; otherwise leaves it for the next try.
+    fn offer(&self, staged: &mut Vec<Exchange>) {
+        let mut full = self.0.full.lock().expect("handed-over exchanges");
+        if full.is_empty() {
+            std::mem::swap(&mut *full, staged);
+            drop(full);
+            self.0.wake.notify_one();
+        }
+    }
+}
+
+impl RecordSender {
+    /// Moves `staged` over whether or not the recorder has taken the previous batch (the
+    /// proxy is stopping: nothing more follows).
+    fn flush(&self, staged: &mut Vec<Exchange>) {
+        self.0.full.lock().expect("handed-over exchanges").append(staged);
+        self.0.wake.notify_one();
+    }
+}
+
+impl Drop for RecordSender {
+    fn drop(&mut self) {
+        self.0.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.0.wake.notify_one();
+    }
+}
+
+/// The recorder's side of the hand-over.
+pub struct RecordReceiver {
+    handover: Arc<Handover>,
+    /// For [`RecordReceiver::recv`].
+    pending: std::collections::VecDeque<Exchange>,
+}
+
+impl RecordReceiver {
+    /// Waits for the next batch and moves it into `out` (swapped in when `out` is empty, so
+    /// `out`'s room goes back to the proxy). Returns how many; 0 once the proxy is gone and
+    /// everything it handed over has been taken.
+    pub async fn recv_many(&mut self, out: &mut Vec<Exchange>) -> usize {
+        loop {
+            let closed = self.handover.closed.load(std::sync::atomic::Ordering::Acquire);
+            {
+                let mut full = self.handover.full.lock().expect("handed-over exchanges");
+                if !full.is_empty() {
+                    if out.is_empty() {
+                        std::mem::swap(out, &mut *full);
+                    } else {
+                        out.append(&mut full);
+                    }
+                    return out.len();
+                }
+            }
+            if closed {
+                return 0;
+            }
+            self.handover.wake.notified().await;
+        }
+    }
+
+    /// One exchange (tests).
+    pub async fn recv(&mut self) -> Option<Exchange> {
+        if self.pending.is_empty() {
+            let mut batch = Vec::new();
+            self.recv_many(&mut batch).await;
+            self.pending.extend(batch);
+        }
+        self.pending.pop_front()
+    }
+}
+
+/// The hand-over between a proxy and its recorder.
+pub fn record_channel() -> (RecordSender, RecordReceiver) {
+    let handover = Arc::new(Handover::default());
+    (
+        RecordSender(Arc::clone(&handover)),
+        RecordReceiver {
+            handover,
+            pending: Default::default(),
+        },
+    )
 }
 
 /// An exchange as the adapter tests write one: `path` may carry a `?query`; both bodies are
@@ -1044,7 +1142,7 @@ mod tests {
     /// reversed; returns the proxy's address and the recorder's queue.
     struct Echo {
         addr: std::net::SocketAddr,
-        rx: tokio::sync::mpsc::Receiver<Exchange>,
+        rx: RecordReceiver,
         proxy: Arc<Proxy>,
         /// Connections the upstream accepted.
         accepted: Arc<std::sync::atomic::AtomicUsize>,
@@ -1267,6 +1365,35 @@ mod tests {
         let text = resp.into_body().collect().await.unwrap().to_bytes();
         assert!(String::from_utf8_lossy(&text).contains("TLS"), "{text:?}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn the_hand_over_passes_batches_in_order_and_everything_at_close() {
+        let (tx, mut rx) = record_channel();
+        let ex = |path: &str| test_exchange("POST", path, &[], "", 200, "");
+        let mut staged = vec![ex("/1"), ex("/2")];
+        tx.offer(&mut staged);
+        assert!(staged.is_empty(), "taken");
+        // The recorder has not taken the first batch: the next one stays staged.
+        staged.push(ex("/3"));
+        tx.offer(&mut staged);
+        assert_eq!(staged.len(), 1);
+        let mut got = Vec::new();
+        assert_eq!(rx.recv_many(&mut got).await, 2);
+        let paths: Vec<&str> = got.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["/1", "/2"]);
+        got.clear();
+        tx.offer(&mut staged);
+        assert!(staged.is_empty());
+        // At close, what is staged goes over even while a batch waits, then the end shows.
+        staged.push(ex("/4"));
+        tx.flush(&mut staged);
+        drop(tx);
+        assert_eq!(rx.recv_many(&mut got).await, 2);
+        let paths: Vec<&str> = got.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["/3", "/4"]);
+        got.clear();
+        assert_eq!(rx.recv_many(&mut got).await, 0);
     }
 
     #[tokio::test]
