@@ -199,6 +199,14 @@ impl BlockMeta {
     fn end_seq(&self) -> u64 {
         self.first_seq + self.count as u64
     }
+    /// No event of the block has a `(time, seq)` key above this one.
+    fn max_key(&self) -> (i64, u64) {
+        (self.max_time, self.end_seq().saturating_sub(1))
+    }
+    /// No event of the block has a `(time, seq)` key below this one.
+    fn min_key(&self) -> (i64, u64) {
+        (self.min_time, self.first_seq)
+    }
 }
 
 /// A block decompressed, with where each record starts.
@@ -309,6 +317,8 @@ pub struct EventLog {
     cache: Mutex<Cache>,
     /// Events older than this are past `raw_events`: never served, even if still on disk.
     raw_floor: AtomicI64,
+    /// Block indexes read by [`EventLog::page`] (how much of the log a page touches).
+    index_reads: std::sync::atomic::AtomicU64,
 }
 
 fn segment_name(segment: u64) -> String {
@@ -412,6 +422,7 @@ impl EventLog {
             }),
             cache: Mutex::new(Cache::default()),
             raw_floor: AtomicI64::new(i64::MIN),
+            index_reads: Default::default(),
         };
         let mut t = Tables::default();
         // Per license, its (time, seq) list in store order; sorted into the index at the end.
@@ -857,24 +868,27 @@ impl EventLog {
                 upper = last;
             }
         }
-        // Blocks by newest event first; a block's entries join the heap once its newest event
-        // could be next, so only the blocks a page reaches are read.
+        // Blocks by their largest possible `(time, seq)` key first; a block's entries join the
+        // heap once that key could be next, so only the blocks a page reaches are read. Keys,
+        // not times: when many events share a time, a page deep into them reads the blocks
+        // around its cursor, not every block of that time.
         let mut blocks: Vec<BlockMeta> = self
             .tables
             .read()
             .expect("tables")
             .blocks
             .iter()
-            .filter(|b| b.max_time >= lo && b.min_time <= hi.0)
+            .filter(|b| b.count > 0 && b.max_time >= lo && b.min_key() < hi)
             .cloned()
             .collect();
-        blocks.sort_by_key(|b| std::cmp::Reverse(b.max_time));
+        blocks.sort_by_key(|b| std::cmp::Reverse(b.max_key()));
         let mut heap: BinaryHeap<(i64, u64)> = BinaryHeap::new();
         let mut next_block = 0;
         loop {
-            while next_block < blocks.len() && heap.peek().is_none_or(|top| blocks[next_block].max_time >= top.0) {
+            while next_block < blocks.len() && heap.peek().is_none_or(|top| blocks[next_block].max_key() >= *top) {
                 let b = &blocks[next_block];
                 next_block += 1;
+                self.index_reads.fetch_add(1, Ordering::Relaxed);
                 match self.index_of(b) {
                     Ok(index) => {
                         for (i, &(_, _, time)) in index.lines.iter().enumerate() {
@@ -1102,6 +1116,37 @@ mod tests {
             let got = log.next_after(l, t, before, &carries).map(|(s, _)| s as usize);
             assert_eq!(got, want, "license {l} after {t} before {before}");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pages_through_events_of_one_time_read_only_the_blocks_near_the_cursor() {
+        let dir = tmp("same-time");
+        let log = EventLog::open(&dir, KEY, 0, 1).unwrap();
+        // 40 blocks of 100 events, all at one time.
+        let events: Vec<Event> = (0..4000u64).map(|i| ev(i, ["a", "b"][i as usize % 2], 500)).collect();
+        let mut next = 0;
+        for chunk in events.chunks(100) {
+            next = commit(&log, next, 0, chunk);
+        }
+        let mut got = Vec::new();
+        let mut hi = (501, 0);
+        let mut pages = 0u64;
+        loop {
+            let page = log.page(None, 0, hi, 50, &|_| true);
+            pages += 1;
+            got.extend(page.iter().map(|r| r.1));
+            match page.last() {
+                Some(r) if page.len() == 50 => hi = (r.0, r.1),
+                _ => break,
+            }
+        }
+        let want: Vec<u64> = (0..4000u64).rev().collect();
+        assert_eq!(got, want);
+        // Each page reads the block its cursor is in and at most the next one or two; a page
+        // that compared times only read all 40 blocks every time.
+        let reads = log.index_reads.load(Ordering::Relaxed);
+        assert!(reads <= 3 * pages, "{reads} index reads for {pages} pages");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
