@@ -61,7 +61,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // The proxy: its listener, and the recorder that turns its exchanges into events.
     let mut proxy_addr = None;
-    let mut recorder_thread = None;
+    // Resolves when the recorder has finished (or its thread ended otherwise).
+    let mut recorder_done = None;
     let mut proxy_thread = None;
     if let (Some(p), Some(adapter)) = (&config.proxy, proxy_adapter) {
         let upstream = proxy::Upstream::parse(&p.upstream).map_err(anyhow::Error::msg)?;
@@ -96,18 +97,20 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         // is off the request path, so when the cores are contended, the proxy, its clients and
         // its upstream run first and recording catches up in the gaps (its queue absorbs the
         // bursts). Measured in docs/benchmarks.md.
-        recorder_thread = Some(
-            std::thread::Builder::new()
-                .name("keytrail-record".into())
-                .spawn(move || {
-                    lower_thread_priority(10);
-                    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                        Ok(rt) => rt.block_on(recorder),
-                        Err(e) => tracing::error!(error = %e, "starting the recorder's runtime failed; proxied calls are not recorded"),
-                    }
-                })
-                .context("starting the proxy's recorder thread")?,
-        );
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        recorder_done = Some(done_rx);
+        // Detached: at shutdown the agent waits for `done_rx` (bounded), not for the thread.
+        std::thread::Builder::new()
+            .name("keytrail-record".into())
+            .spawn(move || {
+                lower_thread_priority(10);
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt.block_on(recorder),
+                    Err(e) => tracing::error!(error = %e, "starting the recorder's runtime failed; proxied calls are not recorded"),
+                }
+                drop(done_tx);
+            })
+            .context("starting the proxy's recorder thread")?;
         // The proxy runs on its own single-threaded runtime: a request, its upstream exchange
         // and its response stay on one thread, with no cross-core wake-ups on the request path
         // (the way nginx's event loop works). Recording runs on its own thread (above).
@@ -181,13 +184,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if let Some(t) = proxy_thread {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
-    if let Some(t) = recorder_thread {
-        let joined = tokio::task::spawn_blocking(move || t.join());
-        if tokio::time::timeout(std::time::Duration::from_secs(10), joined)
+    if let Some(done) = recorder_done {
+        // The sender is dropped when the recorder ends, however it ends.
+        if tokio::time::timeout(std::time::Duration::from_secs(10), done)
             .await
             .is_err()
         {
-            tracing::warn!("the proxy recorder did not drain within 10 s; its unrecorded calls are lost");
+            tracing::warn!("the proxy recorder did not drain within 10 s; the calls it has not recorded yet are lost");
         }
     }
     sealer.abort();

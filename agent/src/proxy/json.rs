@@ -3,9 +3,10 @@
 //! An adapter declares the few fields it reads as small structs of [`Scalar`]s, [`Obj`]s and
 //! [`First`]s and parses a body straight into them: strings are borrowed from the captured
 //! body (copied only when they hold escapes), everything else is skipped without being built.
-//! A field of an unexpected JSON type reads as absent instead of failing the whole body, as a
-//! lookup in a `serde_json::Value` tree would, at a fraction of the cost (the tree allocates
-//! every object, key and string of both bodies).
+//! A field of an unexpected JSON type reads as absent instead of failing the whole body, and a
+//! key that repeats counts with its last value, both as with a lookup in a `serde_json::Value`
+//! tree, at a fraction of the cost (the tree allocates every object, key and string of both
+//! bodies).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -65,7 +66,8 @@ impl<'a> Scalar<'a> {
             Scalar::Str(s) => Some(s),
             Scalar::U64(n) => Some(n.to_string().into()),
             Scalar::I64(n) => Some(n.to_string().into()),
-            Scalar::F64(n) => Some(n.to_string().into()),
+            // As serde_json prints it (`1.0`, `1e20`), the way the value reads in the body.
+            Scalar::F64(n) => serde_json::Number::from_f64(n).map(|n| n.to_string().into()),
             _ => None,
         }
     }
@@ -286,8 +288,17 @@ pub fn top_field<'a>(json: &'a [u8], name: &str) -> Option<Scalar<'a>> {
 }
 
 /// Parses a whole JSON text into `T` (trailing characters other than whitespace refuse it).
+/// A key that repeats in an object counts with its last value, as servers' JSON parsers take
+/// it: serde's derived structs refuse a repeated field, so such a text is read again through a
+/// `serde_json::Value` (which keeps the last), on that rare path only.
 pub fn parse<'a, T: Deserialize<'a>>(json: &'a [u8]) -> Result<T, serde_json::Error> {
-    serde_json::from_slice(json)
+    match serde_json::from_slice(json) {
+        Ok(t) => Ok(t),
+        Err(e) => match serde_json::from_slice::<serde_json::Value>(json) {
+            Ok(tree) => T::deserialize(tree),
+            Err(_) => Err(e),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -351,7 +362,23 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_key_counts_with_its_last_value() {
+        let json = br#"{"name":"first","inner":{"code":"A","code":"B"},"name":"last"}"#;
+        let d: Obj<Doc> = parse(json).unwrap();
+        let d = d.get().unwrap();
+        assert_eq!(d.name.as_str(), Some("last"));
+        assert_eq!(d.inner.get().unwrap().code.as_str(), Some("B"));
+        assert!(parse::<Obj<Doc>>(br#"{"name":"x","name":}"#).is_err(), "not JSON");
+    }
+
+    #[test]
     fn numbers_read_as_text() {
+        // Floats print as a serde_json::Value prints them.
+        for text in ["1.0", "1e20", "0.5", "-2.25"] {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            let n = v.as_f64().unwrap();
+            assert_eq!(Scalar::F64(n).into_text().unwrap(), v.to_string(), "{text}");
+        }
         assert_eq!(Scalar::U64(42).into_text().as_deref(), Some("42"));
         assert_eq!(Scalar::I64(-1).into_text().as_deref(), Some("-1"));
         assert_eq!(Scalar::Bool(true).into_text(), None);

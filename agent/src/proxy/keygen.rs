@@ -354,7 +354,11 @@ impl Adapter for Keygen {
             Call::ValidateKey | Call::ValidateById(_) => {
                 e = new_event(ex, "license.validated");
                 let meta = answer.and_then(|a| a.meta.get());
-                let code = meta.and_then(|m| m.code.as_str().or_else(|| m.constant.as_str()));
+                // `constant` (API 1.0 and 1.1) only where there is no `code` at all.
+                let code = meta.and_then(|m| match &m.code {
+                    Scalar::Absent => m.constant.as_str(),
+                    code => code.as_str(),
+                });
                 let result = match (meta.and_then(|m| m.valid.as_bool()), code) {
                     _ if !ex.status.is_success() => status_result(ex.status, answer),
                     (Some(true), _) => "valid",
@@ -602,6 +606,19 @@ mod tests {
         assert_eq!(
             (v["result"].as_str(), v["license"].as_str()),
             (Some("limit_exceeded"), Some("0b4f2c1d-9e8a-4b7c-a6d5-e4f3a2b1c0d9"))
+        );
+        // Keys that repeat count with their last value, as Keygen reads them (not a way to
+        // slip an activation past the recorder).
+        let repeated = r#"{"data":{"attributes":{"fingerprint":"old"},"attributes":{"fingerprint":"new"},"relationships":{"license":{"data":{"id":"0b4f2c1d-9e8a-4b7c-a6d5-e4f3a2b1c0d9"}}}}}"#;
+        let twice = r#"{"errors":[{"code":"MACHINE_LIMIT_EXCEEDED","code":"MACHINE_LIMIT_EXCEEDED"}],"errors":[{"code":"MACHINE_LIMIT_EXCEEDED"}]}"#;
+        let v = one(&ex(Method::POST, "/v1/machines", &[], repeated, 422, twice));
+        assert_eq!(
+            (v["machine"].as_str(), v["license"].as_str(), v["result"].as_str()),
+            (
+                Some("new"),
+                Some("0b4f2c1d-9e8a-4b7c-a6d5-e4f3a2b1c0d9"),
+                Some("limit_exceeded")
+            )
         );
         // A key where the license id goes is pseudonymised as a key, never stored raw.
         let keyed = req.replace("0b4f2c1d-9e8a-4b7c-a6d5-e4f3a2b1c0d9", "RAW-KEY-IN-ID");

@@ -16,10 +16,10 @@
 //!   `Upgrade`), which belong to each connection, and `Host`, which names the upstream (as
 //!   nginx's `proxy_pass` does by default).
 //! * **Fail-open.** Nothing keytrail does can fail a request: recording happens after the
-//!   response body has been passed on, in another task: finished exchanges are staged on the
-//!   proxy's thread and handed over every 50 ms (one cross-thread wake-up per interval, not
-//!   per request) through a bounded queue that is never waited on (`try_send`). What
-//!   cannot be recorded — queue full, a body over the capture cap, an answer the adapter
+//!   response body has been passed on, on another thread: finished exchanges are staged on
+//!   the proxy's thread (bounded) and handed over every 50 ms as one batch (one cross-thread
+//!   wake-up per interval, not per request); the proxy never waits for the recorder. What
+//!   cannot be recorded — staging full, a body over the capture cap, an answer the adapter
 //!   cannot read, a full buffer — is counted by reason in
 //!   `keytrail_proxy_unrecorded_total{reason}` and `/v1/status`. An unreachable upstream gets
 //!   a 502, as from any proxy.
@@ -58,7 +58,9 @@ use crate::telemetry::AgentMetrics;
 
 /// Bytes of each body kept for the adapter; license API bodies are a few KiB.
 pub const CAPTURE_BYTES: usize = 256 * 1024;
-/// Finished exchanges waiting for the recorder.
+/// Finished exchanges the proxy stages before the next hand-over; beyond it they are counted
+/// as `queue_full`. At most three such batches exist at once: staged, handed over, and the
+/// one the recorder is on.
 const RECORD_QUEUE: usize = 8192;
 /// How often the proxy thread hands its finished exchanges to the recorder: one wake-up of
 /// another thread per interval instead of one per request.
@@ -590,9 +592,20 @@ impl Proxy {
     /// exchanges are counted as `queue_full`).
     fn hand_off(&self) {
         let mut staged = self.staged.lock().expect("staged exchanges");
-        if !staged.is_empty() {
-            self.recorder.offer(&mut staged);
+        if staged.is_empty() {
+            return;
         }
+        if self.recorder.receiver_gone() {
+            // The recorder ended (it never does while the agent runs): count what it will
+            // never take, and do not keep it.
+            let mut full = self.recorder.0.full.lock().expect("handed-over exchanges");
+            let lost = staged.len() + full.len();
+            self.metrics.proxy_unrecorded.add(&["queue_full"], lost as u64);
+            staged.clear();
+            full.clear();
+            return;
+        }
+        self.recorder.offer(&mut staged);
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
@@ -701,8 +714,9 @@ fn copy_headers(from: &HeaderMap, names: &[HeaderName]) -> HeaderMap {
 }
 
 impl Drop for Proxy {
-    /// Everything staged goes to the recorder, including the exchanges of connections that
-    /// ended while the proxy stopped; then the recorder sees the hand-over closed.
+    /// Everything staged goes to the recorder, then the recorder sees the hand-over closed.
+    /// (A response body hyper drops after the last reference to the proxy can still stage its
+    /// exchange; that one is not recorded.)
     fn drop(&mut self) {
         if let Ok(mut staged) = self.staged.lock() {
             self.recorder.flush(&mut staged);
@@ -835,7 +849,7 @@ impl IngestDefaults for RecorderDefaults {
 
 /// Records exchanges off the request path: adapter → ingest parser (pseudonymisation,
 /// validation) → buffer. Exchanges that arrived together go into one append (one group
-/// commit). Never blocks the proxy: the proxy only `try_send`s to this task.
+/// commit). Never blocks the proxy: the proxy only offers it batches ([`RecordSender`]).
 pub async fn run_recorder(
     mut rx: RecordReceiver,
     adapter: Box<dyn Adapter>,
@@ -933,6 +947,8 @@ struct Handover {
     /// The batch waiting for the recorder; empty when it has taken it.
     full: Mutex<Vec<Exchange>>,
     closed: std::sync::atomic::AtomicBool,
+    /// The recorder's side was dropped.
+    receiver_gone: std::sync::atomic::AtomicBool,
     wake: tokio::sync::Notify,
 }
 
@@ -953,6 +969,10 @@ impl RecordSender {
 }
 
 impl RecordSender {
+    fn receiver_gone(&self) -> bool {
+        self.0.receiver_gone.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Moves `staged` over whether or not the recorder has taken the previous batch (the
     /// proxy is stopping: nothing more follows).
     fn flush(&self, staged: &mut Vec<Exchange>) {
@@ -1008,6 +1028,15 @@ impl RecordReceiver {
             self.pending.extend(batch);
         }
         self.pending.pop_front()
+    }
+}
+
+impl Drop for RecordReceiver {
+    fn drop(&mut self) {
+        // The proxy's next hand-over counts and frees what was handed over and not taken.
+        self.handover
+            .receiver_gone
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -1394,6 +1423,32 @@ mod tests {
         assert_eq!(paths, ["/3", "/4"]);
         got.clear();
         assert_eq!(rx.recv_many(&mut got).await, 0);
+    }
+
+    #[tokio::test]
+    async fn exchanges_for_a_recorder_that_ended_are_counted_not_kept() {
+        let Echo { addr, rx, proxy, .. } = proxy_in_front_of_echo().await;
+        drop(rx);
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        for _ in 0..3 {
+            let req = Request::post("/v1/x")
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "the proxy still forwards");
+            resp.into_body().collect().await.unwrap();
+        }
+        let counted = || proxy.metrics.proxy_unrecorded.get(&["queue_full"]);
+        for _ in 0..200 {
+            if counted() == 3 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(counted(), 3);
+        assert!(proxy.staged.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
