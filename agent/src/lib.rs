@@ -212,14 +212,19 @@ pub fn validate(config: &AgentConfig) -> Result<(), String> {
 /// Raises the calling thread's nice value by `by` (Linux: the nice value is per thread). A
 /// failure only costs priority, so it is logged, not returned.
 fn lower_thread_priority(by: i32) {
-    // SAFETY: plain system calls on the calling thread; no memory is passed.
-    #[allow(unsafe_code)]
-    let r = unsafe {
-        let tid = libc::gettid();
-        let now = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, (now + by).min(19))
-    };
-    if r != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "lowering a thread's priority failed");
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: plain system calls on the calling thread; no memory is passed.
+        #[allow(unsafe_code)]
+        let r = unsafe {
+            let tid = libc::gettid();
+            let now = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, (now + by).min(19))
+        };
+        if r != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "lowering a thread's priority failed");
+        }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = by;
 }
