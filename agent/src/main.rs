@@ -62,8 +62,8 @@ enum Command {
 ///   (`MALLOC_MMAP_THRESHOLD_`), and the heap's free top returned beyond 1 MiB
 ///   (`MALLOC_TRIM_THRESHOLD_`). By default glibc raises its mapping threshold to the largest
 ///   buffer freed so far, after which the group commits', the sealer's and sled's
-///   multi-megabyte buffers stay in the arenas. Measured at 8 × 500: peak RSS 59 → 45 MiB
-///   (medians of three), for about a sixth of the top ingest rate (563 k → 463 k events/s).
+///   multi-megabyte buffers stay in the arenas. Measured at 8 × 500: peak RSS 56–62 → 43–49
+///   MiB, for about a tenth of the top ingest rate (~500 k events/s, from 502–612 k).
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     for (variable, parameter, value) in [
