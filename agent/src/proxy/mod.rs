@@ -595,17 +595,12 @@ impl Proxy {
         if staged.is_empty() {
             return;
         }
-        if self.recorder.receiver_gone() {
+        match self.recorder.offer(&mut staged) {
+            Offered::Taken | Offered::Waiting => {}
             // The recorder ended (it never does while the agent runs): count what it will
-            // never take, and do not keep it.
-            let mut full = self.recorder.0.full.lock().expect("handed-over exchanges");
-            let lost = staged.len() + full.len();
-            self.metrics.proxy_unrecorded.add(&["queue_full"], lost as u64);
-            staged.clear();
-            full.clear();
-            return;
+            // never take; it is not kept.
+            Offered::Discarded(lost) => self.metrics.proxy_unrecorded.add(&["queue_full"], lost as u64),
         }
-        self.recorder.offer(&mut staged);
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
@@ -955,24 +950,38 @@ struct Handover {
 /// The proxy's side of the hand-over.
 pub struct RecordSender(Arc<Handover>);
 
+/// What became of a batch offered to the recorder.
+enum Offered {
+    Taken,
+    /// The recorder is still on the previous batch: the offer stays staged.
+    Waiting,
+    /// The recorder is gone: this many exchanges (the offer and what was handed over
+    /// untaken) were dropped.
+    Discarded(usize),
+}
+
 impl RecordSender {
     /// Moves `staged` over (leaving it empty, with the previous batch's room) if the recorder
     /// has taken the previous batch; otherwise leaves it for the next try.
-    fn offer(&self, staged: &mut Vec<Exchange>) {
+    fn offer(&self, staged: &mut Vec<Exchange>) -> Offered {
         let mut full = self.0.full.lock().expect("handed-over exchanges");
-        if full.is_empty() {
-            std::mem::swap(&mut *full, staged);
-            drop(full);
-            self.0.wake.notify_one();
+        if self.0.receiver_gone.load(std::sync::atomic::Ordering::Acquire) {
+            let lost = staged.len() + full.len();
+            staged.clear();
+            full.clear();
+            return Offered::Discarded(lost);
         }
+        if !full.is_empty() {
+            return Offered::Waiting;
+        }
+        std::mem::swap(&mut *full, staged);
+        drop(full);
+        self.0.wake.notify_one();
+        Offered::Taken
     }
 }
 
 impl RecordSender {
-    fn receiver_gone(&self) -> bool {
-        self.0.receiver_gone.load(std::sync::atomic::Ordering::Acquire)
-    }
-
     /// Moves `staged` over whether or not the recorder has taken the previous batch (the
     /// proxy is stopping: nothing more follows).
     fn flush(&self, staged: &mut Vec<Exchange>) {
