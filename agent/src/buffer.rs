@@ -248,6 +248,18 @@ pub struct Buffer {
     heal_failures: std::sync::atomic::AtomicU32,
     /// Group commits hold it for reading, [`Buffer::heal`] for writing.
     heal_lock: std::sync::RwLock<()>,
+    /// What sealing reuses from batch to batch, while batches keep coming
+    /// ([`Buffer::release_seal_work`]).
+    seal_work: Mutex<Option<SealWork>>,
+}
+
+/// The compression context and payload buffer a seal reuses. Made afresh per batch, they cost
+/// as much as compressing it: about a megabyte of zstd tables set up and cleared, and the
+/// payload's pages mapped and faulted in again (the agent maps buffers of 256 KiB and more on
+/// their own, see `tune_malloc`).
+struct SealWork {
+    sealer: wire::FrameSealer,
+    payload: Vec<u8>,
 }
 
 fn key(prefix: u8, n: u64) -> [u8; 9] {
@@ -569,6 +581,7 @@ impl Buffer {
             last_heal: Mutex::new(None),
             heal_failures: std::sync::atomic::AtomicU32::new(0),
             heal_lock: std::sync::RwLock::new(()),
+            seal_work: Mutex::new(None),
         };
         buffer.recover()?;
         Ok(Arc::new(buffer))
@@ -1296,9 +1309,32 @@ impl Buffer {
 
     fn seal_one_inner(&self) -> Result<Option<BatchSeq>, BufferError> {
         let _layout = self.layout.lock().expect("buffer layout");
+        let mut work = self
+            .seal_work
+            .lock()
+            .expect("seal workspace")
+            .take()
+            .unwrap_or_else(|| SealWork {
+                sealer: wire::FrameSealer::new(self.limits.zstd_level),
+                payload: Vec::new(),
+            });
+        let sealed = self.seal_with(&mut work);
+        *self.seal_work.lock().expect("seal workspace") = Some(work);
+        sealed
+    }
+
+    /// Frees what sealing keeps between batches (a few MiB under load); called by the sealer
+    /// once no batch has been sealed for a while.
+    pub fn release_seal_work(&self) {
+        self.seal_work.lock().expect("seal workspace").take();
+    }
+
+    /// Seals one batch (the layout lock held) with `work`'s context and buffer.
+    fn seal_with(&self, work: &mut SealWork) -> Result<Option<BatchSeq>, BufferError> {
         let max_events = self.limits.batch_max_events;
         let max_bytes = self.limits.batch_max_bytes as usize;
-        let mut payload = Vec::new();
+        let payload = &mut work.payload;
+        payload.clear();
         let mut events = 0u32;
         let mut first_arrived = i64::MAX;
         let mut batch = sled::Batch::default();
@@ -1361,7 +1397,7 @@ impl Buffer {
             return Ok(None);
         }
         let seq = self.state.lock().expect("buffer state").next_seq;
-        let frame = wire::seal_frame(&self.agent_id, BatchSeq(seq), events, &payload, self.limits.zstd_level);
+        let frame = work.sealer.seal(&self.agent_id, BatchSeq(seq), events, payload);
         let sealed = sealed_file(events, first_arrived, &frame);
         let sealed_len = sealed.len() as u64;
         // The file first (durable), then the record that makes it part of the buffer. A crash
@@ -1664,6 +1700,38 @@ mod tests {
         ids.dedup();
         assert_eq!(ids.len(), 100, "each event exactly once");
         assert_eq!(b.counts().sealed_batches, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_sealed_with_a_kept_or_a_released_workspace_hold_their_events() {
+        let dir = tmp("sealwork");
+        let b = Buffer::open(&dir, Some("a"), limits(64 << 20, WhenFull::Reject, 10), Arc::default()).unwrap();
+        let app = b.start_writer();
+        let (recs, n) = records(0..35);
+        app.append(recs, n).await.unwrap();
+        // Kept from the first seal to the second, released before the third, kept again for
+        // the last (a smaller batch into a buffer that held a larger one).
+        b.seal_one().unwrap().unwrap();
+        assert!(b.seal_work.lock().unwrap().is_some(), "kept after a seal");
+        b.seal_one().unwrap().unwrap();
+        b.release_seal_work();
+        assert!(b.seal_work.lock().unwrap().is_none());
+        b.seal_one().unwrap().unwrap();
+        b.seal_one().unwrap().unwrap();
+        assert_eq!(b.counts().sealed_batches, 4);
+        let mut sizes = Vec::new();
+        let mut ids = Vec::new();
+        while let Some(s) = b.next_sealed().unwrap() {
+            let batch = wire::decode_frame(&s.frame, &wire::DecodeLimits::default()).unwrap();
+            sizes.push(batch.events.len());
+            ids.extend(batch.events.into_iter().map(|e| e.id));
+            b.ack(&s).unwrap();
+        }
+        assert_eq!(sizes, [10, 10, 10, 5]);
+        let want: Vec<String> = (0..35).map(|i| event(i).id).collect();
+        assert_eq!(ids, want);
+        shut(b, app);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -443,10 +443,14 @@ pub fn backoff(attempt: u32, cap: Duration, retry_after: Option<Duration>) -> Du
     }
 }
 
+/// How long the sealer keeps its compression context and buffer after its last batch.
+const SEAL_WORK_KEPT: Duration = Duration::from_secs(10);
+
 /// Seals pending events when a batch is full or `batch_timeout` has passed.
 pub async fn run_sealer(buffer: Arc<Buffer>, timeout: Duration, shutdown: tokio::sync::watch::Receiver<bool>) {
     let tick = (timeout / 4).max(Duration::from_millis(5));
     buffer.sealer_running(true);
+    let mut last_sealed = std::time::Instant::now();
     loop {
         if *shutdown.borrow() {
             buffer.sealer_running(false);
@@ -461,7 +465,10 @@ pub async fn run_sealer(buffer: Arc<Buffer>, timeout: Duration, shutdown: tokio:
         if buffer.seal_due(timeout) {
             let b = Arc::clone(&buffer);
             match tokio::task::spawn_blocking(move || b.seal_one()).await {
-                Ok(Ok(_)) => continue,
+                Ok(Ok(_)) => {
+                    last_sealed = std::time::Instant::now();
+                    continue;
+                }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "sealing a batch failed; will retry");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -472,6 +479,9 @@ pub async fn run_sealer(buffer: Arc<Buffer>, timeout: Duration, shutdown: tokio:
                 }
             }
             continue;
+        }
+        if last_sealed.elapsed() >= SEAL_WORK_KEPT {
+            buffer.release_seal_work();
         }
         tokio::select! {
             _ = buffer.pending_grew.notified() => {}

@@ -197,25 +197,55 @@ pub fn decode_payload(payload: &[u8], agent_id: &str, max_events: u32) -> Result
     Ok(out)
 }
 
-/// Builds a sealed frame from an uncompressed payload holding `event_count` records.
+/// Builds a sealed frame from an uncompressed payload holding `event_count` records (with a
+/// compression context of its own; [`FrameSealer`] keeps one from frame to frame).
 pub fn seal_frame(agent_id: &str, seq: BatchSeq, event_count: u32, payload: &[u8], zstd_level: i32) -> Vec<u8> {
-    let compressed = zstd::bulk::compress(payload, zstd_level).expect("zstd compression into memory");
-    let agent = agent_id.as_bytes();
-    let mut f = Vec::with_capacity(HEADER_LEN + agent.len() + compressed.len() + TRAILER_LEN);
-    f.extend_from_slice(MAGIC);
-    f.extend_from_slice(&VERSION.to_be_bytes());
-    f.extend_from_slice(&0u16.to_be_bytes());
-    f.extend_from_slice(&seq.0.to_be_bytes());
-    f.extend_from_slice(&event_count.to_be_bytes());
-    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    f.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
-    f.extend_from_slice(&(agent.len() as u16).to_be_bytes());
-    f.extend_from_slice(&0u16.to_be_bytes());
-    f.extend_from_slice(agent);
-    f.extend_from_slice(&compressed);
-    let crc = crc32fast::hash(&f);
-    f.extend_from_slice(&crc.to_be_bytes());
-    f
+    FrameSealer::new(zstd_level).seal(agent_id, seq, event_count, payload)
+}
+
+/// Seals frames with one zstd compression context, kept from frame to frame. Setting a
+/// context up for a level-3 frame of a megabyte allocates and clears about a megabyte of
+/// tables: made afresh per frame, that took as long as compressing the frame (measured in
+/// `docs/benchmarks.md`).
+pub struct FrameSealer {
+    compressor: zstd::bulk::Compressor<'static>,
+    /// The compressed payload, kept too: its pages stay mapped from frame to frame.
+    compressed: Vec<u8>,
+}
+
+impl FrameSealer {
+    pub fn new(zstd_level: i32) -> FrameSealer {
+        FrameSealer {
+            compressor: zstd::bulk::Compressor::new(zstd_level).expect("a zstd compression context"),
+            compressed: Vec::new(),
+        }
+    }
+
+    /// The frame of `payload`, which holds `event_count` records.
+    pub fn seal(&mut self, agent_id: &str, seq: BatchSeq, event_count: u32, payload: &[u8]) -> Vec<u8> {
+        self.compressed.clear();
+        self.compressed.reserve(zstd::zstd_safe::compress_bound(payload.len()));
+        self.compressor
+            .compress_to_buffer(payload, &mut self.compressed)
+            .expect("zstd compression into memory");
+        let compressed = &self.compressed;
+        let agent = agent_id.as_bytes();
+        let mut f = Vec::with_capacity(HEADER_LEN + agent.len() + compressed.len() + TRAILER_LEN);
+        f.extend_from_slice(MAGIC);
+        f.extend_from_slice(&VERSION.to_be_bytes());
+        f.extend_from_slice(&0u16.to_be_bytes());
+        f.extend_from_slice(&seq.0.to_be_bytes());
+        f.extend_from_slice(&event_count.to_be_bytes());
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        f.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
+        f.extend_from_slice(&(agent.len() as u16).to_be_bytes());
+        f.extend_from_slice(&0u16.to_be_bytes());
+        f.extend_from_slice(agent);
+        f.extend_from_slice(compressed);
+        let crc = crc32fast::hash(&f);
+        f.extend_from_slice(&crc.to_be_bytes());
+        f
+    }
 }
 
 /// Checks magic, version, lengths and checksum, and reads the header. No decompression.
@@ -455,6 +485,65 @@ mod tests {
             frame.len() / events.len() < 40,
             "{} bytes per event",
             frame.len() / events.len()
+        );
+    }
+
+    #[test]
+    fn a_reused_sealer_seals_each_frame_as_a_fresh_one() {
+        // Large, small, then large again: a context keeps no state from one frame to the next.
+        let mut sealer = FrameSealer::new(3);
+        for (seq, n) in [(1u64, 5000u64), (2, 3), (3, 0), (4, 4000)] {
+            let events: Vec<Event> = (seq * 10_000..seq * 10_000 + n).map(sample).collect();
+            let mut payload = Vec::new();
+            for e in &events {
+                append_event(e, &mut payload);
+            }
+            let frame = sealer.seal("agent-a", BatchSeq(seq), n as u32, &payload);
+            assert_eq!(frame, frame_of(&events, seq), "frame {seq}");
+            let batch = decode_frame(&frame, &DecodeLimits::default()).unwrap();
+            assert_eq!(batch.events, events);
+        }
+    }
+
+    /// Not a test: the time to seal a 5,000-event frame with a context made afresh and with
+    /// one kept, alternated in one run. Run it with the glibc thresholds the agent sets:
+    /// `MALLOC_MMAP_THRESHOLD_=262144 MALLOC_TRIM_THRESHOLD_=1048576 MALLOC_ARENA_MAX=2
+    /// cargo test --release -p keytrail-common frame_sealer_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn frame_sealer_cost() {
+        let mut payload = Vec::new();
+        for i in 0..5000 {
+            append_event(&sample(i), &mut payload);
+        }
+        let mut sealer = FrameSealer::new(3);
+        let (mut fresh, mut kept) = (Vec::new(), Vec::new());
+        for round in 0..400 {
+            let t = std::time::Instant::now();
+            let frame = if round % 2 == 0 {
+                seal_frame("agent-a", BatchSeq(round), 5000, &payload, 3)
+            } else {
+                sealer.seal("agent-a", BatchSeq(round), 5000, &payload)
+            };
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            std::hint::black_box(frame);
+            if round >= 20 {
+                if round % 2 == 0 {
+                    fresh.push(us)
+                } else {
+                    kept.push(us)
+                }
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!(
+            "sealing {} payload bytes (5,000 events): fresh context {:.0} us, kept context {:.0} us (medians)",
+            payload.len(),
+            median(&mut fresh),
+            median(&mut kept)
         );
     }
 

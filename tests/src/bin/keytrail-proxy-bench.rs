@@ -98,6 +98,7 @@ fn latencies(addr: SocketAddr, n: usize) -> (f64, f64) {
         c.call(); // warm-up
     }
     let t0 = Instant::now();
+    let t0_monotonic = monotonic_us();
     let mut started = Vec::with_capacity(n);
     let mut t: Vec<Duration> = (0..n)
         .map(|_| {
@@ -109,10 +110,16 @@ fn latencies(addr: SocketAddr, n: usize) -> (f64, f64) {
         .collect();
     if let Ok(prefix) = std::env::var("BENCH_TRACE") {
         // Each request's start and latency in µs, to look for a pattern in the slow ones.
-        let lines: String = started
-            .iter()
-            .zip(&t)
-            .map(|(s, d)| format!("{} {}\n", s.as_micros(), d.as_micros()))
+        // The first line places the run on CLOCK_MONOTONIC, the clock `perf record -k mono`
+        // stamps its samples with, to line slow requests up with what ran then.
+        let head = format!("# t0 {t0_monotonic} (CLOCK_MONOTONIC, µs)\n");
+        let lines: String = std::iter::once(head)
+            .chain(
+                started
+                    .iter()
+                    .zip(&t)
+                    .map(|(s, d)| format!("{} {}\n", s.as_micros(), d.as_micros())),
+            )
             .collect();
         let path = format!("{prefix}-{}", addr.port());
         std::fs::write(&path, lines).unwrap_or_else(|e| die(&format!("writing {path}: {e}")));
@@ -120,6 +127,17 @@ fn latencies(addr: SocketAddr, n: usize) -> (f64, f64) {
     t.sort();
     let at = |p: f64| t[((t.len() as f64 * p).ceil() as usize).clamp(1, t.len()) - 1].as_secs_f64() * 1e6;
     (at(0.50), at(0.99))
+}
+
+/// CLOCK_MONOTONIC now, in µs.
+fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given and nothing else.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts)
+    };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
 fn throughput(addr: SocketAddr, conns: usize, seconds: u64) -> f64 {
