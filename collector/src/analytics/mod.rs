@@ -245,7 +245,8 @@ fn record<V: PartialEq>(
 }
 
 fn insert_sorted(v: &mut Vec<i64>, t: i64) {
-    let pos = v.partition_point(|x| *x <= t);
+    // Events come in time order or a little late: their place is at or near the end.
+    let pos = timeline::partition_point_from_end(v, |x| *x <= t);
     v.insert(pos, t);
 }
 
@@ -444,7 +445,7 @@ impl Analytics {
         match e.event_type {
             T::Issued => min_opt(&mut l.issued_at, t),
             T::Renewed | T::Expired => {
-                let pos = l.renewals.partition_point(|r| (r.0, r.1) < (t, seq));
+                let pos = timeline::partition_point_from_end(&l.renewals, |r| (r.0, r.1) < (t, seq));
                 l.renewals.insert(pos, (t, seq, e.event_type == T::Renewed));
             }
             T::Upgraded => min_opt(&mut l.first_upgrade, t),

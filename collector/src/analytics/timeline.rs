@@ -28,6 +28,26 @@ impl<T> Default for Timeline<T> {
     }
 }
 
+/// `slice.partition_point(below)`, searched from the end: first the last element, then
+/// elements 2, 4, 8, … from the end, then a binary search within the last step. Events come
+/// in time order or a little late, so their place is at or near the end: found in a few
+/// comparisons on memory just touched, where a binary search over a timeline of a popular
+/// license (hundreds of thousands of points) misses the cache at most of its ~18 probes.
+pub fn partition_point_from_end<T>(slice: &[T], below: impl Fn(&T) -> bool) -> usize {
+    // Every element of slice[hi..] is not below.
+    let mut hi = slice.len();
+    let mut step = 1;
+    while hi > 0 {
+        let probe = hi.saturating_sub(step);
+        if below(&slice[probe]) {
+            return probe + 1 + slice[probe + 1..hi].partition_point(&below);
+        }
+        hi = probe;
+        step *= 2;
+    }
+    0
+}
+
 /// What an insert did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inserted {
@@ -54,7 +74,7 @@ impl<T: PartialEq> Timeline<T> {
         if !late {
             self.last = Some(key);
         }
-        let pos = self.points.partition_point(|p| (p.0, p.1) < key);
+        let pos = partition_point_from_end(&self.points, |p| (p.0, p.1) < key);
         if pos > 0 && self.points[pos - 1].2 == value {
             return Inserted::Exact; // the value at every t >= time is already `value`
         }
@@ -134,6 +154,26 @@ impl<T: PartialEq> Timeline<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partition_point_from_end_agrees_with_partition_point() {
+        // Every length up to 70 (past several doubling steps), every split, with repeats.
+        for len in 0..70usize {
+            let v: Vec<usize> = (0..len).map(|i| i / 3).collect();
+            for t in 0..=len / 3 + 1 {
+                assert_eq!(
+                    partition_point_from_end(&v, |x| *x < t),
+                    v.partition_point(|x| *x < t),
+                    "len {len}, t {t}"
+                );
+                assert_eq!(
+                    partition_point_from_end(&v, |x| *x <= t),
+                    v.partition_point(|x| *x <= t),
+                    "len {len}, t {t} (<=)"
+                );
+            }
+        }
+    }
 
     /// The value at t from the plain definition: the latest (time, seq) event with time <= t.
     fn reference(events: &[(i64, u64, u8)], t: i64) -> Option<u8> {
