@@ -465,8 +465,10 @@ pub async fn run_sealer(buffer: Arc<Buffer>, timeout: Duration, shutdown: tokio:
         if buffer.seal_due(timeout) {
             let b = Arc::clone(&buffer);
             match tokio::task::spawn_blocking(move || b.seal_one()).await {
-                Ok(Ok(_)) => {
-                    last_sealed = std::time::Instant::now();
+                Ok(Ok(sealed)) => {
+                    if sealed.is_some() {
+                        last_sealed = std::time::Instant::now();
+                    }
                     continue;
                 }
                 Ok(Err(e)) => {
