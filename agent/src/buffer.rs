@@ -254,9 +254,9 @@ pub struct Buffer {
 }
 
 /// The compression context and payload buffer a seal reuses. Made afresh per batch, they cost
-/// as much as compressing it: about a megabyte of zstd tables set up and cleared, and the
-/// payload's pages mapped and faulted in again (the agent maps buffers of 256 KiB and more on
-/// their own, see `tune_malloc`).
+/// about two thirds of the compression itself ([`wire::FrameSealer`]): a megabyte of zstd
+/// tables set up and cleared, and the payload's pages mapped and faulted in again (the agent
+/// maps buffers of 256 KiB and more on their own, see `tune_malloc`).
 struct SealWork {
     sealer: wire::FrameSealer,
     payload: Vec<u8>,
