@@ -238,6 +238,10 @@ pub struct Buffer {
     /// Woken when a sealed batch becomes sendable (the shipper waits on it).
     pub sealed_ready: Notify,
     writable: AtomicBool,
+    /// Size of the last append refused for want of disk space (0 once one fits again):
+    /// readiness asks for room for it, not only for the reserve, so `/readyz` agrees with
+    /// the 503 the client just got.
+    refused_for_space: AtomicU64,
     /// Set while a sealer runs ([`Buffer::sealer_running`]): only then is waiting for it useful.
     sealer_active: AtomicBool,
     /// Set by a storage error: sled refuses every later operation until it is reopened.
@@ -576,6 +580,7 @@ impl Buffer {
             pending_grew: Notify::new(),
             sealed_ready: Notify::new(),
             writable: AtomicBool::new(true),
+            refused_for_space: AtomicU64::new(0),
             sealer_active: AtomicBool::new(false),
             broken: AtomicBool::new(false),
             last_heal: Mutex::new(None),
@@ -846,11 +851,13 @@ impl Buffer {
     }
 
     /// Whether appends can succeed (readiness): the last write worked, no storage error waits
-    /// for a reopen, and the disk has room beyond its reserve.
+    /// for a reopen, and the disk has room beyond its reserve (and for the last append that was
+    /// refused for want of it).
     pub fn is_writable(&self) -> bool {
+        let wanted = self.refused_for_space.load(Ordering::Relaxed);
         self.writable.load(Ordering::Relaxed)
             && !self.broken.load(Ordering::Acquire)
-            && keytrail_common::disk::low(&self.dir, 0).is_none()
+            && keytrail_common::disk::low(&self.dir, wanted).is_none()
     }
 
     /// Arrival time of the oldest buffered (unsent) event.
@@ -1100,8 +1107,14 @@ impl Buffer {
         for a in group.drain(..) {
             let size = a.records.len() as u64 + 17;
             match self.make_room(size) {
-                Ok(()) => accepted.push(a),
+                Ok(()) => {
+                    self.refused_for_space.store(0, Ordering::Relaxed);
+                    accepted.push(a)
+                }
                 Err(e) => {
+                    if matches!(e, AppendError::DiskLow { .. }) {
+                        self.refused_for_space.store(size, Ordering::Relaxed);
+                    }
                     let _ = a.reply.send(Err(e));
                 }
             }

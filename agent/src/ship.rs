@@ -465,22 +465,24 @@ pub async fn run_sealer(buffer: Arc<Buffer>, timeout: Duration, shutdown: tokio:
         if buffer.seal_due(timeout) {
             let b = Arc::clone(&buffer);
             match tokio::task::spawn_blocking(move || b.seal_one()).await {
-                Ok(Ok(sealed)) => {
-                    if sealed.is_some() {
-                        last_sealed = std::time::Instant::now();
-                    }
+                Ok(Ok(Some(_))) => {
+                    last_sealed = std::time::Instant::now();
                     continue;
                 }
+                // Due by the counters, yet nothing to seal (counters ahead of what sled
+                // holds): wait below rather than spin.
+                Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "sealing a batch failed; will retry");
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "sealer task failed");
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
                 }
             }
-            continue;
         }
         if last_sealed.elapsed() >= SEAL_WORK_KEPT {
             buffer.release_seal_work();

@@ -29,7 +29,7 @@ impl<T> Default for Timeline<T> {
 }
 
 /// `slice.partition_point(below)`, searched from the end: first the last element, then
-/// elements 2, 4, 8, … from the end, then a binary search within the last step. Events come
+/// the 3rd, 7th, 15th, … from the end (steps doubling), then a binary search within the last step. Events come
 /// in time order or a little late, so their place is at or near the end: found in a few
 /// comparisons on memory just touched, where a binary search over a timeline of a popular
 /// license (hundreds of thousands of points) misses the cache at most of its ~18 probes.
@@ -43,7 +43,7 @@ pub fn partition_point_from_end<T>(slice: &[T], below: impl Fn(&T) -> bool) -> u
             return probe + 1 + slice[probe + 1..hi].partition_point(&below);
         }
         hi = probe;
-        step *= 2;
+        step = step.saturating_mul(2);
     }
     0
 }
