@@ -29,8 +29,9 @@
 //! memory stays flat however long the collector is away.
 //!
 //! All integers big-endian; `crc32` (IEEE) covers every byte after it. A chunk holds many
-//! events — one group commit, i.e. every request that arrived during the previous flush — as
-//! wire-v1 event records (`common::wire::append_event`). This is a deliberate reuse of the
+//! events — a group commit's requests, i.e. those that arrived during the previous flush, cut
+//! at request boundaries into chunks of at most a quarter batch (`ship.batch_max_events` /
+//! `_bytes`) and 96 KiB — as wire-v1 event records (`common::wire::append_event`). This is a deliberate reuse of the
 //! wire *event* encoding for storage: sealing is then a concatenation plus one compression,
 //! with no decode/re-encode, and the chunk's version byte names the encoding so a future
 //! wire version can still read old chunks. Storing many events per key matters: sled costs
@@ -49,8 +50,10 @@
 //!   and a sealer runs, the writer waits for it (at most `PENDING_WAIT`, 2 s, per group)
 //!   before taking more appends: ingest that outruns sealing gets slower acknowledgements,
 //!   not a growing heap.
-//! * **Seal once.** Sealing takes the oldest pending records (up to the batch limits, splitting
-//!   a chunk if needed), compresses them into a frame with sequence `m.next_seq`, writes the
+//! * **Seal once.** Sealing takes the oldest pending chunks whole, while they fit the batch
+//!   limits (a chunk that does not fit starts the next batch; only one larger than a batch is
+//!   split and its rest rewritten: sled rewrites the values a tree node holds whenever it
+//!   consolidates the node, so every rewrite of pending data costs its size again), compresses them into a frame with sequence `m.next_seq`, writes the
 //!   batch file durably (temporary file, fsync, rename, fsync of the folder), then in one
 //!   `apply_batch` inserts `s‖seq`, removes or shortens the chunks and advances `m.next_seq`;
 //!   then flushes. Only sequences below [`Buffer::durable_seq`] — sealed *and* flushed — are
@@ -118,8 +121,21 @@ const RECORD_VERSION: u8 = 1;
 const SEALED_DIR: &str = "sealed";
 /// How often a buffer whose storage failed tries to reopen it.
 const HEAL_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-/// Largest chunk one group commit writes; a bigger group is split into several chunks.
-const MAX_CHUNK_BYTES: usize = 4 << 20;
+/// The most bytes the writer takes into one group commit.
+const MAX_GROUP_BYTES: usize = 1 << 20;
+/// Largest chunk the writer cuts (see [`chunk_limits`]): under sled's blob threshold (a quarter
+/// of its 512 KiB log segment), above which sled writes an update to a file of its own.
+const MAX_CHUNK_BYTES: usize = 96 << 10;
+
+/// Events and bytes of one pending chunk: at most a quarter of a batch, so the sealer packs
+/// whole chunks into batches at least three quarters full (usually full) and never has to
+/// split one and rewrite its rest. Measured at 32 x 500 (docs/benchmarks.md, session 15): peak
+/// RSS 75-76 MiB with chunks of up to 4 MiB split by the sealer, 45-47 MiB with these.
+fn chunk_limits(limits: &BufferLimits) -> (u32, usize) {
+    let events = (limits.batch_max_events / 4).max(1);
+    let bytes = (limits.batch_max_bytes as usize / 4).clamp(1, MAX_CHUNK_BYTES);
+    (events, bytes)
+}
 /// Most appends waiting for the writer; beyond this, callers wait for a slot (backpressure).
 const WRITER_QUEUE: usize = 1024;
 /// Unsealed records beyond which the writer waits for the sealer before taking more appends.
@@ -304,11 +320,30 @@ fn open_record(r: &[u8], min_body: usize) -> Option<&[u8]> {
 }
 
 fn chunk_record(count: u32, arrived: UnixNanos, records: &[u8]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(12 + records.len());
-    body.extend_from_slice(&count.to_be_bytes());
-    body.extend_from_slice(&arrived.to_be_bytes());
-    body.extend_from_slice(records);
-    record(&body)
+    chunk_record_of(count, arrived, [records], records.len())
+}
+
+/// [`chunk_record`] of the concatenation of `parts` (`len` bytes in all), built in one buffer
+/// of the exact size: one request's records make a chunk of their own when they are over
+/// the chunk limits, megabytes at most, and each copy of one is that much more memory at the
+/// peak.
+fn chunk_record_of<'a>(
+    count: u32,
+    arrived: UnixNanos,
+    parts: impl IntoIterator<Item = &'a [u8]>,
+    len: usize,
+) -> Vec<u8> {
+    let mut r = Vec::with_capacity(5 + 12 + len);
+    r.push(RECORD_VERSION);
+    r.extend_from_slice(&[0; 4]);
+    r.extend_from_slice(&count.to_be_bytes());
+    r.extend_from_slice(&arrived.to_be_bytes());
+    for part in parts {
+        r.extend_from_slice(part);
+    }
+    let crc = crc32fast::hash(&r[5..]);
+    r[1..5].copy_from_slice(&crc.to_be_bytes());
+    r
 }
 
 struct Chunk<'a> {
@@ -1060,7 +1095,7 @@ impl Buffer {
         while let Some(first) = rx.blocking_recv() {
             let mut bytes = first.records.len();
             group.push(first);
-            while bytes < MAX_CHUNK_BYTES {
+            while bytes < MAX_GROUP_BYTES {
                 match rx.try_recv() {
                     Ok(a) => {
                         bytes += a.records.len();
@@ -1127,28 +1162,33 @@ impl Buffer {
         let mut added_bytes = 0u64;
         {
             let mut st = self.state.lock().expect("buffer state");
-            let mut records = Vec::new();
-            let mut count = 0u32;
-            let mut flush_chunk = |records: &mut Vec<u8>, count: &mut u32, st: &mut Mutable| {
-                if *count == 0 {
-                    return;
+            // Chunks of at most a quarter batch, so the sealer takes them whole (`seal_with`).
+            let (max_events, max_bytes) = chunk_limits(&self.limits);
+            let mut rest = &accepted[..];
+            while !rest.is_empty() {
+                // One chunk: the next append, and those after it while they fit.
+                let mut len = rest[0].records.len();
+                let mut count = rest[0].count;
+                let mut n = 1;
+                while n < rest.len()
+                    && len + rest[n].records.len() <= max_bytes
+                    && count.saturating_add(rest[n].count) <= max_events
+                {
+                    len += rest[n].records.len();
+                    count += rest[n].count;
+                    n += 1;
                 }
-                let r = chunk_record(*count, arrived, records);
+                let (parts, later) = rest.split_at(n);
+                rest = later;
+                if count == 0 {
+                    continue;
+                }
+                let r = chunk_record_of(count, arrived, parts.iter().map(|a| &a.records[..]), len);
                 added_bytes += r.len() as u64;
-                added_events += *count as u64;
+                added_events += count as u64;
                 batch.insert(&key(P, st.next_chunk), r);
                 st.next_chunk += 1;
-                records.clear();
-                *count = 0;
-            };
-            for a in &accepted {
-                if !records.is_empty() && records.len() + a.records.len() > MAX_CHUNK_BYTES {
-                    flush_chunk(&mut records, &mut count, &mut st);
-                }
-                records.extend_from_slice(&a.records);
-                count += a.count;
             }
-            flush_chunk(&mut records, &mut count, &mut st);
         }
         let applied = self.db().and_then(|db| db.apply_batch(batch));
         if applied.is_ok() {
@@ -1367,6 +1407,15 @@ impl Buffer {
                     continue;
                 }
             };
+            // A chunk that does not fit whole starts the next batch: splitting it would rewrite
+            // its rest, and sled rewrites what it holds again when it consolidates a node.
+            // Only a chunk larger than a batch (one large request, or written by an earlier
+            // version) is split.
+            let fits_whole = events as u64 + chunk.count as u64 <= max_events as u64
+                && payload.len() + chunk.records.len() <= max_bytes;
+            if events > 0 && !fits_whole {
+                break;
+            }
             first_arrived = first_arrived.min(chunk.arrived);
             // Take as many records as fit (always at least one per batch).
             let mut take = 0;
@@ -1642,6 +1691,26 @@ mod tests {
         (out, (range.end - range.start) as u32)
     }
 
+    #[test]
+    fn a_chunk_built_from_parts_is_the_chunk_of_their_concatenation() {
+        let (a, na) = records(0..3);
+        let (b, nb) = records(3..10);
+        let whole = [a.clone(), b.clone()].concat();
+        // The layout written by earlier versions: version, CRC of the body, then the body.
+        let mut body = Vec::new();
+        body.extend_from_slice(&(na + nb).to_be_bytes());
+        body.extend_from_slice(&77i64.to_be_bytes());
+        body.extend_from_slice(&whole);
+        let built = chunk_record_of(na + nb, 77, [&a[..], &b[..]], whole.len());
+        assert_eq!(built, record(&body));
+        assert_eq!(built.len(), built.capacity());
+        let c = parse_chunk(&built).expect("parses");
+        assert_eq!((c.count, c.arrived, c.records), (na + nb, 77, &whole[..]));
+        let mut corrupt = built.clone();
+        corrupt[40] ^= 1;
+        assert!(parse_chunk(&corrupt).is_none());
+    }
+
     fn limits(max_bytes: u64, when_full: WhenFull, batch: u32) -> BufferLimits {
         BufferLimits {
             max_bytes,
@@ -1683,6 +1752,7 @@ mod tests {
     async fn append_seal_ship_survive_reopen_in_order() {
         let dir = tmp("order");
         let metrics = Arc::new(AgentMetrics::default());
+        let sealed;
         {
             let b = Buffer::open(&dir, Some("a"), limits(64 << 20, WhenFull::Reject, 30), metrics.clone()).unwrap();
             let app = b.start_writer();
@@ -1698,21 +1768,74 @@ mod tests {
                 t.await.unwrap();
             }
             assert_eq!(b.counts().pending_events, 100);
-            // Seal one batch (30 events, splitting a chunk) and leave the rest pending.
+            // Seal one batch (whole chunks, up to 30 events; how the appends were grouped
+            // decides how many) and leave the rest pending.
             b.seal_one().unwrap().unwrap();
-            assert_eq!(b.counts().pending_events, 70);
-            assert_eq!(b.counts().sealed_events, 30);
+            sealed = b.counts().sealed_events;
+            assert!((10..=30).contains(&sealed), "{sealed}");
+            assert_eq!(b.counts().pending_events, 100 - sealed);
             shut(b, app);
         }
         let b = Buffer::open(&dir, None, limits(64 << 20, WhenFull::Reject, 30), metrics).unwrap();
         assert_eq!(b.agent_id(), "a", "agent id persisted");
-        assert_eq!((b.counts().pending_events, b.counts().sealed_events), (70, 30));
+        assert_eq!(
+            (b.counts().pending_events, b.counts().sealed_events),
+            (100 - sealed, sealed)
+        );
         let mut ids = drain_ids(&b);
         assert_eq!(ids.len(), 100);
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), 100, "each event exactly once");
         assert_eq!(b.counts().sealed_batches, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_group_is_cut_into_chunks_of_a_quarter_batch_and_sealed_whole() {
+        let dir = tmp("chunks");
+        // Batches of eight events: chunks of at most two.
+        let b = Buffer::open(&dir, Some("a"), limits(64 << 20, WhenFull::Reject, 8), Arc::default()).unwrap();
+        assert_eq!(chunk_limits(&b.limits), (2, 96 << 10));
+        // One group commit of six appends; chunks are cut between appends only.
+        let mut group = Vec::new();
+        let mut replies = Vec::new();
+        let mut next = 0;
+        for n in [1u64, 1, 2, 1, 2, 2] {
+            let (records, count) = records(next..next + n);
+            next += n;
+            let (reply, rx) = oneshot::channel();
+            group.push(Append { records, count, reply });
+            replies.push(rx);
+        }
+        b.commit_group(&mut group);
+        for mut rx in replies {
+            assert!(matches!(rx.try_recv(), Ok(Ok(()))));
+        }
+        let pending = |b: &Buffer| -> Vec<u32> {
+            let db = b.db().unwrap();
+            let chunks = db.scan_prefix([P]).values();
+            chunks.map(|v| parse_chunk(&v.unwrap()).unwrap().count).collect()
+        };
+        assert_eq!(pending(&b), [2, 2, 1, 2, 2]);
+        // Taken whole: the chunk that would overfill the first batch starts the second, and
+        // none is shortened (rewritten).
+        b.seal_one().unwrap().unwrap();
+        assert_eq!(pending(&b), [2]);
+        b.seal_one().unwrap().unwrap();
+        assert!(pending(&b).is_empty());
+        let mut sizes = Vec::new();
+        let mut ids = Vec::new();
+        while let Some(s) = b.next_sealed().unwrap() {
+            let batch = wire::decode_frame(&s.frame, &wire::DecodeLimits::default()).unwrap();
+            sizes.push(batch.events.len());
+            ids.extend(batch.events.into_iter().map(|e| e.id));
+            b.ack(&s).unwrap();
+        }
+        assert_eq!(sizes, [7, 2]);
+        let want: Vec<String> = (0..9).map(|i| event(i).id).collect();
+        assert_eq!(ids, want);
+        drop(b);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -319,7 +319,10 @@ async fn post_events(api: &Arc<Api>, req: Request<Incoming>) -> Resp {
     // host's clock is off.
     let now = now_ns().saturating_add(api.clock.correction());
     let parsed = if body.len() <= PARSE_INLINE_BYTES {
-        encode(api, &body, format, now)
+        let parsed = encode(api, &body, format, now);
+        // Not held while the append waits for the flush.
+        drop(body);
+        parsed
     } else {
         // Large bodies are parsed on the blocking pool so small requests stay fast.
         let api2 = Arc::clone(api);
@@ -382,10 +385,15 @@ async fn post_events(api: &Arc<Api>, req: Request<Incoming>) -> Resp {
 /// Parses, validates, pseudonymises and encodes a body into wire records.
 fn encode(api: &Api, body: &[u8], format: BodyFormat, now: UnixNanos) -> Result<(Vec<u8>, u32), event::IngestError> {
     let defaults = Defaults { api, now };
-    let events = event::parse_body(body, format, &api.fingerprinter, &defaults, MAX_EVENTS_PER_REQUEST)?;
-    let mut records = Vec::with_capacity(events.len() * 96);
-    for e in &events {
-        wire::append_event(e, &mut records);
-    }
-    Ok((records, events.len() as u32))
+    // Encoded as parsed: one event is held at a time, not the whole request's.
+    let mut records = Vec::with_capacity(body.len() / 2);
+    let count = event::for_each_in_body(
+        body,
+        format,
+        &api.fingerprinter,
+        &defaults,
+        MAX_EVENTS_PER_REQUEST,
+        |e| wire::append_event(&e, &mut records),
+    )?;
+    Ok((records, count as u32))
 }

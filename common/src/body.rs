@@ -26,7 +26,9 @@ pub enum BodyError {
 /// to `drain_limit` bytes in total so the client gets to read the refusal.
 pub async fn read_capped(body: Incoming, cap: u64, drain_limit: u64, timeout: Duration) -> Result<Bytes, BodyError> {
     let mut body = body;
-    let mut buf = BytesMut::new();
+    // The declared length (capped) up front: no regrowing, and no doubled capacity held.
+    let declared = hyper::body::Body::size_hint(&body).exact().unwrap_or(0).min(cap);
+    let mut buf = BytesMut::with_capacity(declared as usize);
     let mut seen: u64 = 0;
     let read = async {
         while let Some(frame) = body.frame().await {

@@ -485,43 +485,59 @@ pub fn parse_body(
     max_events: usize,
 ) -> Result<Vec<Event>, IngestError> {
     let mut out = Vec::new();
+    for_each_in_body(body, format, fp, defaults, max_events, |e| out.push(e))?;
+    Ok(out)
+}
+
+/// [`parse_body`], handing each event to `each` as it is read instead of collecting them, so
+/// a caller that encodes them holds one at a time. On an error some events may have been
+/// handed over already: the caller discards what it made of them (all or nothing). Returns
+/// how many events the body held.
+pub fn for_each_in_body(
+    body: &[u8],
+    format: BodyFormat,
+    fp: &Fingerprinter,
+    defaults: &dyn IngestDefaults,
+    max_events: usize,
+    mut each: impl FnMut(Event),
+) -> Result<usize, IngestError> {
+    let mut count = 0;
     match format {
         BodyFormat::Ndjson => {
-            let mut index = 0;
             for line in body.split(|b| *b == b'\n') {
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                if index >= max_events {
-                    return Err(too_many(max_events).at(index));
+                if count >= max_events {
+                    return Err(too_many(max_events).at(count));
                 }
-                let raw = parse_one(line).map_err(|e| e.at(index))?;
-                out.push(raw.into_event(fp, defaults).map_err(|e| e.at(index))?);
-                index += 1;
+                let raw = parse_one(line).map_err(|e| e.at(count))?;
+                each(raw.into_event(fp, defaults).map_err(|e| e.at(count))?);
+                count += 1;
             }
         }
         BodyFormat::Json => {
             let first = body.iter().find(|b| !b.is_ascii_whitespace());
             match first {
                 Some(b'[') => {
-                    let raws = parse_array(body, max_events)?;
-                    out.reserve(raws.len());
-                    for (i, raw) in raws.into_iter().enumerate() {
-                        out.push(raw.into_event(fp, defaults).map_err(|e| e.at(i))?);
+                    for raw in parse_array(body, max_events)? {
+                        each(raw.into_event(fp, defaults).map_err(|e| e.at(count))?);
+                        count += 1;
                     }
                 }
                 Some(_) => {
                     let raw = parse_one(body).map_err(|e| e.at(0))?;
-                    out.push(raw.into_event(fp, defaults).map_err(|e| e.at(0))?);
+                    each(raw.into_event(fp, defaults).map_err(|e| e.at(0))?);
+                    count = 1;
                 }
                 None => {}
             }
         }
     }
-    if out.is_empty() {
+    if count == 0 {
         return Err(IngestError::new("empty_body", None, "the body holds no event"));
     }
-    Ok(out)
+    Ok(count)
 }
 
 fn too_many(max: usize) -> IngestError {
