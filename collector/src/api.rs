@@ -89,7 +89,7 @@ async fn route(api: &Api, req: Request<Incoming>) -> Result<Resp, ApiError> {
         return Ok(json(&serde_json::json!({"status": "ok"})));
     }
     if req.method() == Method::GET && path == "/readyz" {
-        return if let Some((free, reserve)) = api.store.disk_low(0) {
+        return if let Some((free, reserve)) = api.store.ready_room() {
             Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not_ready",

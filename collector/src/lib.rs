@@ -94,7 +94,7 @@ pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
             max_events: config.max_batch_events,
         },
         mtls: config.client_ca.is_some(),
-        data_dir: config.data_dir.clone(),
+        store: Arc::clone(&store),
         metrics: Arc::clone(&metrics),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

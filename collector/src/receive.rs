@@ -37,8 +37,8 @@ pub struct Receiver {
     pub limits: DecodeLimits,
     /// Whether agents authenticate with a certificate (their id is its CN).
     pub mtls: bool,
-    /// The data directory: batches wait while its disk is nearly full.
-    pub data_dir: std::path::PathBuf,
+    /// Batches wait while the data directory's disk is nearly full ([`crate::store::Store::room_for`]).
+    pub store: Arc<crate::store::Store>,
     pub metrics: Arc<CollectorMetrics>,
 }
 
@@ -204,7 +204,7 @@ async fn receive(
     // Room to store it (the events log and sled, with margin for the decompressed size):
     // otherwise the agent keeps the batch and retries.
     let room = (header.uncompressed_len as u64).saturating_mul(2);
-    if let Some((free, reserve)) = keytrail_common::disk::low(&r.data_dir, room) {
+    if let Some((free, reserve)) = r.store.room_for(room) {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "disk_low",

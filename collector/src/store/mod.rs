@@ -249,6 +249,9 @@ pub struct Store {
     visible: Mutex<Totals>,
     next_store_seq: AtomicU64,
     writable: AtomicBool,
+    /// Bytes the last batch refused for want of disk space needed (0 once one fits):
+    /// readiness asks for room for it too, so `/readyz` agrees with the 503 agents get.
+    refused_for_space: AtomicU64,
     dedup_window: Duration,
     raw_events: Duration,
     analytics: RwLock<Analytics>,
@@ -595,6 +598,7 @@ impl Store {
             totals: Mutex::new(totals),
             next_store_seq: AtomicU64::new(next),
             writable: AtomicBool::new(true),
+            refused_for_space: AtomicU64::new(0),
             dedup_window,
             raw_events,
             analytics: RwLock::new(analytics),
@@ -655,6 +659,21 @@ impl Store {
     /// kept on the data directory's file system (`common::disk`).
     pub fn disk_low(&self, size: u64) -> Option<(u64, u64)> {
         keytrail_common::disk::low(&self.dir, size)
+    }
+
+    /// [`Store::disk_low`] for a batch about to be stored, remembering a refusal for
+    /// [`Store::ready_room`].
+    pub fn room_for(&self, size: u64) -> Option<(u64, u64)> {
+        let low = self.disk_low(size);
+        self.refused_for_space
+            .store(if low.is_some() { size } else { 0 }, Ordering::Relaxed);
+        low
+    }
+
+    /// [`Store::disk_low`] for readiness: room for the reserve and for the last batch refused
+    /// for want of it.
+    pub fn ready_room(&self) -> Option<(u64, u64)> {
+        self.disk_low(self.refused_for_space.load(Ordering::Relaxed))
     }
 
     /// `(name, value)` for every counter of `/v1/stats`.
@@ -1142,6 +1161,20 @@ mod tests {
     }
 
     const DAY: Duration = Duration::from_secs(86400);
+
+    #[test]
+    fn readiness_asks_for_room_for_the_last_batch_refused_for_space() {
+        let dir = tmp("room");
+        let store = Store::open(&dir, opts()).unwrap();
+        assert!(store.ready_room().is_none(), "room on the test machine's disk");
+        // A batch no disk has room for: refused, and readiness says so until one fits.
+        assert!(store.room_for(u64::MAX / 2).is_some());
+        assert!(store.ready_room().is_some());
+        assert!(store.room_for(1024).is_none());
+        assert!(store.ready_room().is_none());
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn opts() -> StoreOptions {
         StoreOptions {
