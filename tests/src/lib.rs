@@ -527,6 +527,24 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+
+    /// Waits until `/readyz` is 503 for a reason containing `needle` (an agent is also not
+    /// ready, for another reason, before its first contact with the collector).
+    pub fn wait_not_ready_for(&self, needle: &str, within: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let (s, v) = self.get_json("/readyz");
+            if s == 503 && v["reason"].as_str().unwrap_or_default().contains(needle) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "readyz stayed {s} ({v}), wanted 503 for {needle:?}\n{}",
+                self.proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// One HTTP/1.1 request with `Connection: close`; `None` when the connection failed.
