@@ -1738,14 +1738,22 @@ mod tests {
     }
 
     fn drain_ids(b: &Buffer) -> Vec<String> {
-        let mut ids = Vec::new();
         while b.seal_one().unwrap().is_some() {}
+        ship_all(b).1
+    }
+
+    /// Ships (decodes and acks) every sealed batch, oldest first: the size of each batch and
+    /// the ids of all events, in order.
+    fn ship_all(b: &Buffer) -> (Vec<usize>, Vec<String>) {
+        let mut sizes = Vec::new();
+        let mut ids = Vec::new();
         while let Some(s) = b.next_sealed().unwrap() {
             let batch = wire::decode_frame(&s.frame, &wire::DecodeLimits::default()).unwrap();
+            sizes.push(batch.events.len());
             ids.extend(batch.events.into_iter().map(|e| e.id));
             b.ack(&s).unwrap();
         }
-        ids
+        (sizes, ids)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1824,14 +1832,7 @@ mod tests {
         assert_eq!(pending(&b), [2]);
         b.seal_one().unwrap().unwrap();
         assert!(pending(&b).is_empty());
-        let mut sizes = Vec::new();
-        let mut ids = Vec::new();
-        while let Some(s) = b.next_sealed().unwrap() {
-            let batch = wire::decode_frame(&s.frame, &wire::DecodeLimits::default()).unwrap();
-            sizes.push(batch.events.len());
-            ids.extend(batch.events.into_iter().map(|e| e.id));
-            b.ack(&s).unwrap();
-        }
+        let (sizes, ids) = ship_all(&b);
         assert_eq!(sizes, [7, 2]);
         let want: Vec<String> = (0..9).map(|i| event(i).id).collect();
         assert_eq!(ids, want);
@@ -1856,14 +1857,7 @@ mod tests {
         b.seal_one().unwrap().unwrap();
         b.seal_one().unwrap().unwrap();
         assert_eq!(b.counts().sealed_batches, 4);
-        let mut sizes = Vec::new();
-        let mut ids = Vec::new();
-        while let Some(s) = b.next_sealed().unwrap() {
-            let batch = wire::decode_frame(&s.frame, &wire::DecodeLimits::default()).unwrap();
-            sizes.push(batch.events.len());
-            ids.extend(batch.events.into_iter().map(|e| e.id));
-            b.ack(&s).unwrap();
-        }
+        let (sizes, ids) = ship_all(&b);
         assert_eq!(sizes, [10, 10, 10, 5]);
         let want: Vec<String> = (0..35).map(|i| event(i).id).collect();
         assert_eq!(ids, want);
