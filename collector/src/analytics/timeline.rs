@@ -1,6 +1,9 @@
 //! A value as it changed over time: answers "the latest value up to t" for any t.
 
-use bincode::{Decode, Encode};
+use bincode::de::{BorrowDecoder, Decoder};
+use bincode::enc::Encoder;
+use bincode::error::{DecodeError, EncodeError};
+use bincode::{BorrowDecode, Decode, Encode};
 use keytrail_common::time::UnixNanos;
 
 /// Change points `(time, store_seq, value)` in ascending `(time, store_seq)` order, with no two
@@ -12,9 +15,16 @@ use keytrail_common::time::UnixNanos;
 /// value it sets holds only until the next event that carries the field. [`Timeline::insert`]
 /// then asks for that next event (the store looks it up among the stored raw events), so the
 /// answer for every t stays what the full, time-ordered event list would give.
+///
+/// That lookup reads stored events back and costs more than the rest of an insert, so each
+/// point also keeps a bound on its run: no applied event carrying the field lies after the
+/// point, before the next one, later than `run_end`. A late event not earlier than the bound (or
+/// before the first point) has the next point as its successor, and nothing is looked up.
+/// Traffic with a value that changes on most events (a machine count) makes most runs a
+/// single event.
 #[derive(Clone, Debug, Encode, Decode, PartialEq)]
 pub struct Timeline<T> {
-    points: Vec<(i64, u64, T)>,
+    points: Vec<Point<T>>,
     /// The latest `(time, store_seq)` of any event that carried the field.
     last: Option<(i64, u64)>,
 }
@@ -25,6 +35,56 @@ impl<T> Default for Timeline<T> {
             points: Vec::new(),
             last: None,
         }
+    }
+}
+
+/// A change point, and the bound on its run (see [`Timeline`]).
+///
+/// The bound is not persisted: a snapshot holds `(time, store_seq, value)` per point, and a
+/// point read back has no bound (`i64::MAX`), which only costs lookups.
+#[derive(Clone, Debug, PartialEq)]
+struct Point<T> {
+    time: i64,
+    seq: u64,
+    value: T,
+    /// No applied event carrying the field lies after this point and before the next one
+    /// with a time later than this.
+    run_end: i64,
+}
+
+impl<T> Point<T> {
+    fn key(&self) -> (i64, u64) {
+        (self.time, self.seq)
+    }
+}
+
+impl<T: Encode> Encode for Point<T> {
+    fn encode<E: Encoder>(&self, enc: &mut E) -> Result<(), EncodeError> {
+        (self.time, self.seq, &self.value).encode(enc)
+    }
+}
+
+impl<C, T: Decode<C>> Decode<C> for Point<T> {
+    fn decode<D: Decoder<Context = C>>(d: &mut D) -> Result<Self, DecodeError> {
+        let (time, seq, value) = <(i64, u64, T)>::decode(d)?;
+        Ok(Point {
+            time,
+            seq,
+            value,
+            run_end: i64::MAX,
+        })
+    }
+}
+
+impl<'de, C, T: BorrowDecode<'de, C>> BorrowDecode<'de, C> for Point<T> {
+    fn borrow_decode<D: BorrowDecoder<'de, Context = C>>(d: &mut D) -> Result<Self, DecodeError> {
+        let (time, seq, value) = <(i64, u64, T)>::borrow_decode(d)?;
+        Ok(Point {
+            time,
+            seq,
+            value,
+            run_end: i64::MAX,
+        })
     }
 }
 
@@ -74,33 +134,59 @@ impl<T: PartialEq> Timeline<T> {
         if !late {
             self.last = Some(key);
         }
-        let pos = partition_point_from_end(&self.points, |p| (p.0, p.1) < key);
-        if pos > 0 && self.points[pos - 1].2 == value {
-            return Inserted::Exact; // the value at every t >= time is already `value`
+        let pos = partition_point_from_end(&self.points, |p| p.key() < key);
+        if pos > 0 && self.points[pos - 1].value == value {
+            // The value at every t >= time is already `value`; this event joins that run.
+            let before = &mut self.points[pos - 1];
+            before.run_end = before.run_end.max(time);
+            return Inserted::Exact;
         }
-        if self.points.get(pos).is_some_and(|p| (p.0, p.1) == key) {
+        if self.points.get(pos).is_some_and(|p| p.key() == key) {
             return Inserted::Exact; // the same event applied twice
         }
-        self.points.insert(pos, (time, seq, value));
+        // The bound of the run this event lands in (before the first point: none).
+        let split_end = pos.checked_sub(1).map_or(i64::MIN, |p| self.points[p].run_end);
+        // No event of that run is later than the bound, and those at the same time as this
+        // one were applied before it (store sequences grow in the order events are applied,
+        // which is also what `next` assumes). So if this one is not earlier than the bound,
+        // none lies between it and the next point, which is its successor.
+        let successor_is_next = late && pos < self.points.len() && time >= split_end;
+        let point = |time, seq, value, run_end| Point {
+            time,
+            seq,
+            value,
+            run_end,
+        };
+        self.points.insert(pos, point(time, seq, value, time));
         let mut outcome = Inserted::Exact;
-        if late {
+        if late && !successor_is_next {
             // `value` holds from `time` until the next event carrying the field, which has its
             // own value; from there on the earlier answer stands.
             match next() {
                 Some((nt, ns, nv)) => {
-                    let before_next_point = self.points.get(pos + 1).is_none_or(|p| (nt, ns) < (p.0, p.1));
-                    if nv != self.points[pos].2 && before_next_point && (nt, ns) > key {
-                        self.points.insert(pos + 1, (nt, ns, nv));
+                    let next_point = self.points.get(pos + 1).map(Point::key);
+                    let before_next_point = next_point.is_none_or(|p| (nt, ns) < p);
+                    if nv != self.points[pos].value && before_next_point && (nt, ns) > key {
+                        // The rest of the split run, from its first event after this one.
+                        self.points.insert(pos + 1, point(nt, ns, nv, split_end));
+                    } else if next_point != Some((nt, ns)) {
+                        self.points[pos].run_end = split_end;
                     }
                 }
-                None => outcome = Inserted::NextUnknown,
+                None => {
+                    self.points[pos].run_end = split_end;
+                    outcome = Inserted::NextUnknown;
+                }
             }
         }
-        // Drop points made redundant (same value as their predecessor) right after `pos`.
+        // Drop points made redundant (same value as their predecessor) right after `pos`;
+        // the predecessor's run takes the dropped point's.
         let mut i = pos + 1;
         while i < self.points.len() && i <= pos + 2 {
-            if self.points[i].2 == self.points[i - 1].2 {
-                self.points.remove(i);
+            if self.points[i].value == self.points[i - 1].value {
+                let dropped = self.points.remove(i);
+                let before = &mut self.points[i - 1];
+                before.run_end = before.run_end.max(dropped.run_end).max(dropped.time);
             } else {
                 i += 1;
             }
@@ -114,8 +200,9 @@ impl<T: PartialEq> Timeline<T> {
     pub fn repeats(&mut self, time: UnixNanos, seq: u64, same: impl FnOnce(&T) -> bool) -> bool {
         let key = (time, seq);
         let late = self.last.is_some_and(|l| key < l);
-        match self.points.last() {
-            Some(p) if !late && (p.0, p.1) <= key && same(&p.2) => {
+        match self.points.last_mut() {
+            Some(p) if !late && p.key() <= key && same(&p.value) => {
+                p.run_end = p.run_end.max(time);
                 self.last = Some(key);
                 true
             }
@@ -127,22 +214,25 @@ impl<T: PartialEq> Timeline<T> {
     pub fn at(&self, t: UnixNanos) -> Option<&T> {
         // Most questions are about now, after the last change: no search.
         match self.points.last() {
-            Some(p) if p.0 <= t => return Some(&p.2),
+            Some(p) if p.time <= t => return Some(&p.value),
             None => return None,
             _ => {}
         }
-        let idx = self.points.partition_point(|p| p.0 <= t);
-        idx.checked_sub(1).map(|i| &self.points[i].2)
+        let idx = self.points.partition_point(|p| p.time <= t);
+        idx.checked_sub(1).map(|i| &self.points[i].value)
     }
 
     /// The latest change point.
     pub fn last_point(&self) -> Option<(UnixNanos, &T)> {
-        self.points.last().map(|p| (p.0, &p.2))
+        self.points.last().map(|p| (p.time, &p.value))
     }
 
     /// Change points up to t, oldest first.
     pub fn points_until(&self, t: UnixNanos) -> impl Iterator<Item = (UnixNanos, &T)> {
-        self.points.iter().take_while(move |p| p.0 <= t).map(|p| (p.0, &p.2))
+        self.points
+            .iter()
+            .take_while(move |p| p.time <= t)
+            .map(|p| (p.time, &p.value))
     }
 
     #[cfg(test)]
@@ -187,7 +277,7 @@ mod tests {
     #[test]
     fn any_insertion_order_gives_the_time_ordered_answer() {
         let mut rng = fastrand::Rng::with_seed(7);
-        for _ in 0..200 {
+        for _ in 0..2000 {
             let n = rng.usize(1..30);
             let events: Vec<(i64, u64, u8)> = (0..n).map(|i| (rng.i64(0..20), i as u64, rng.u8(0..3))).collect();
             // Applied in a random order; store sequences follow the order of application.
@@ -207,13 +297,108 @@ mod tests {
                 if rng.bool() && tl.repeats(t, s, |x| *x == v) {
                     continue;
                 }
+                // Now and then read back from a snapshot, which forgets the bounds of the runs.
+                if rng.u8(0..10) == 0 {
+                    let cfg = bincode::config::standard();
+                    let bytes = bincode::encode_to_vec(&tl, cfg).unwrap();
+                    tl = bincode::decode_from_slice(&bytes, cfg).unwrap().0;
+                }
                 assert_eq!(tl.insert(t, s, v, next), Inserted::Exact);
             }
             for t in -1..22 {
                 assert_eq!(tl.at(t).copied(), reference(&events, t), "t={t} events={events:?}");
             }
-            assert!(tl.points.windows(2).all(|w| w[0].2 != w[1].2), "no redundant points");
+            assert!(
+                tl.points.windows(2).all(|w| w[0].value != w[1].value),
+                "no redundant points"
+            );
         }
+    }
+
+    #[test]
+    fn a_late_event_after_the_end_of_a_run_needs_no_lookup() {
+        // Every event changes the value: every run is the point alone.
+        let mut tl = Timeline::default();
+        for i in 0..10u64 {
+            tl.insert(i as i64 * 10, i, i % 2, || unreachable!("in order"));
+        }
+        // Late, between the points at 40 and 50: its successor is the point at 50.
+        assert_eq!(
+            tl.insert(45, 100, 7, || unreachable!("successor known")),
+            Inserted::Exact
+        );
+        assert_eq!((tl.at(44), tl.at(45), tl.at(50)), (Some(&0), Some(&7), Some(&1)));
+        // Before the first point: the first point is the successor.
+        assert_eq!(
+            tl.insert(-5, 101, 7, || unreachable!("successor known")),
+            Inserted::Exact
+        );
+        assert_eq!((tl.at(-5), tl.at(0)), (Some(&7), Some(&0)));
+        // Repeats after the points at 60 (late) and 92 (in order) extend their runs: an event
+        // landing inside one must look its successor up (the repeat at 65, at 95).
+        tl.insert(92, 102, 1, || unreachable!("in order"));
+        assert!(tl.repeats(95, 103, |v| *v == 1));
+        tl.insert(65, 104, 0, || unreachable!("repeats the point at 60"));
+        let mut asked = 0;
+        tl.insert(62, 105, 5, || {
+            asked += 1;
+            Some((65, 104, 0))
+        });
+        assert_eq!(asked, 1);
+        assert_eq!((tl.at(62), tl.at(65), tl.at(70)), (Some(&5), Some(&0), Some(&1)));
+        let mut asked = 0;
+        tl.insert(93, 106, 3, || {
+            asked += 1;
+            Some((95, 103, 1))
+        });
+        assert_eq!(asked, 1);
+        assert_eq!((tl.at(93), tl.at(95)), (Some(&3), Some(&1)));
+        // After the end of a run, before the next point: no lookup.
+        let mut tl = Timeline::default();
+        tl.insert(0, 0, 'a', || unreachable!("in order"));
+        assert!(tl.repeats(10, 1, |v| *v == 'a'));
+        tl.insert(20, 2, 'b', || unreachable!("in order"));
+        tl.insert(15, 3, 'c', || unreachable!("after the run of the point at 0"));
+        assert_eq!((tl.at(10), tl.at(15), tl.at(20)), (Some(&'a'), Some(&'c'), Some(&'b')));
+        // At the time the run ends, applied later than its events: no lookup either.
+        tl.insert(15, 5, 'e', || unreachable!("at the end of the run of the point at 15"));
+        assert_eq!((tl.at(15), tl.at(20)), (Some(&'e'), Some(&'b')));
+        // Inside a run: a lookup.
+        let mut asked = 0;
+        tl.insert(5, 6, 'd', || {
+            asked += 1;
+            Some((10, 1, 'a'))
+        });
+        assert_eq!(asked, 1);
+        assert_eq!((tl.at(5), tl.at(10), tl.at(15)), (Some(&'d'), Some(&'a'), Some(&'e')));
+    }
+
+    #[test]
+    fn a_timeline_read_back_is_answered_the_same_and_looks_successors_up() {
+        let mut tl = Timeline::default();
+        for i in 0..10u64 {
+            tl.insert(i as i64 * 10, i, i % 2, || unreachable!("in order"));
+        }
+        let cfg = bincode::config::standard();
+        let bytes = bincode::encode_to_vec(&tl, cfg).unwrap();
+        let plain: Vec<(i64, u64, u64)> = (0..10u64).map(|i| (i as i64 * 10, i, i % 2)).collect();
+        let layout = bincode::encode_to_vec((&plain, Some((90i64, 9u64))), cfg).unwrap();
+        assert_eq!(
+            bytes, layout,
+            "the snapshot layout is (time, seq, value) points and the last key"
+        );
+        let (mut back, _): (Timeline<u64>, _) = bincode::decode_from_slice(&bytes, cfg).unwrap();
+        for t in -1..100 {
+            assert_eq!(back.at(t), tl.at(t));
+        }
+        // The runs' bounds are not kept: a late event asks.
+        let mut asked = 0;
+        back.insert(45, 100, 7, || {
+            asked += 1;
+            Some((50, 5, 1))
+        });
+        assert_eq!(asked, 1);
+        assert_eq!((back.at(45), back.at(50)), (Some(&7), Some(&1)));
     }
 
     #[test]
