@@ -292,6 +292,9 @@ pub struct Appended {
     metas: Vec<BlockMeta>,
     /// The index section of each block in `metas`.
     indexes: Vec<ParsedIndex>,
+    /// Each block's records as written, for the cache: a late event's successor is usually
+    /// among the newest events, and this spares reading and decompressing their block again.
+    decoded: Vec<Arc<Decoded>>,
 }
 
 /// What a retention pass removed.
@@ -309,7 +312,9 @@ pub struct Purged {
 pub struct EventLog {
     dir: PathBuf,
     key: (u64, u64),
-    zstd_level: i32,
+    /// One compression context for every block (used under the tail's lock): setting one up
+    /// allocates and clears about a megabyte of tables.
+    compressor: Mutex<zstd::bulk::Compressor<'static>>,
     /// A new segment is started once the current one is this big ([`SEGMENT_BYTES`]).
     segment_bytes: u64,
     tables: RwLock<Tables>,
@@ -412,7 +417,10 @@ impl EventLog {
         let log = EventLog {
             dir: dir.to_path_buf(),
             key,
-            zstd_level,
+            compressor: Mutex::new(
+                zstd::bulk::Compressor::new(zstd_level)
+                    .map_err(|e| format!("a zstd context at level {zstd_level}: {e}"))?,
+            ),
             segment_bytes: SEGMENT_BYTES,
             tables: RwLock::new(Tables::default()),
             tail: Mutex::new(Tail {
@@ -584,15 +592,17 @@ impl EventLog {
             len_before,
             metas: Vec::new(),
             indexes: Vec::new(),
+            decoded: Vec::new(),
         };
         let mut buf = Vec::new();
         let mut seq = first_seq;
         for chunk in events.chunks(MAX_BLOCK_EVENTS) {
             let offset = tail.len + buf.len() as u64;
-            let (meta, index) = self.encode_block(&mut buf, seq, stored_at, chunk, tail.segment, offset)?;
+            let (meta, index, decoded) = self.encode_block(&mut buf, seq, stored_at, chunk, tail.segment, offset)?;
             seq += chunk.len() as u64;
             out.metas.push(meta);
             out.indexes.push(index);
+            out.decoded.push(Arc::new(decoded));
         }
         let file = tail.file.as_ref().expect("open segment");
         let written = file.write_all_at(&buf, len_before).and_then(|()| file.sync_data());
@@ -612,7 +622,7 @@ impl EventLog {
         events: &[(&Event, u128)],
         segment: u64,
         offset: u64,
-    ) -> std::io::Result<(BlockMeta, ParsedIndex)> {
+    ) -> std::io::Result<(BlockMeta, ParsedIndex, Decoded)> {
         let mut licenses: HashMap<&str, u32> = HashMap::new();
         let mut parsed = ParsedIndex {
             licenses: Vec::new(),
@@ -621,6 +631,7 @@ impl EventLog {
         let mut names: Vec<u8> = Vec::new();
         let mut lines = Vec::with_capacity(28 * events.len());
         let mut raw = Vec::with_capacity(160 * events.len());
+        let mut offsets = Vec::with_capacity(events.len() + 1);
         let (mut min_time, mut max_time) = (i64::MAX, i64::MIN);
         for (e, hash) in events {
             let ord = match e.license.as_deref() {
@@ -642,6 +653,7 @@ impl EventLog {
             min_time = min_time.min(e.time);
             max_time = max_time.max(e.time);
             let at = raw.len();
+            offsets.push(at as u32);
             raw.extend_from_slice(&[0; 4]);
             bincode::encode_into_std_write(StoredEventV1::from(*e), &mut raw, BINCODE)
                 .map_err(|e| std::io::Error::other(format!("encoding an event: {e}")))?;
@@ -652,7 +664,7 @@ impl EventLog {
         index.extend_from_slice(&(licenses.len() as u32).to_be_bytes());
         index.extend_from_slice(&names);
         index.extend_from_slice(&lines);
-        let data = zstd::bulk::compress(&raw, self.zstd_level)?;
+        let data = self.compressor.lock().expect("compressor").compress(&raw)?;
         let meta = BlockMeta {
             segment,
             offset,
@@ -685,11 +697,20 @@ impl EventLog {
         buf.extend_from_slice(&h);
         buf.extend_from_slice(&index);
         buf.extend_from_slice(&data);
-        Ok((meta, parsed))
+        offsets.push(raw.len() as u32);
+        raw.shrink_to_fit();
+        Ok((meta, parsed, Decoded { bytes: raw, offsets }))
     }
 
     /// Makes appended blocks visible: their ids to dedup, their events to lookups.
     pub fn publish(&self, a: Appended) {
+        // Cached first (nothing finds a block before the tables know it), without holding
+        // the tables' lock meanwhile.
+        let mut cache = self.cache.lock().expect("cache");
+        for (meta, decoded) in a.metas.iter().zip(a.decoded) {
+            cache.put(meta.first_seq, decoded);
+        }
+        drop(cache);
         let mut t = self.tables.write().expect("tables");
         for (meta, index) in a.metas.iter().zip(a.indexes) {
             // One license lookup per license and block, not per event.
@@ -1193,6 +1214,30 @@ mod tests {
         commit(&EventLog::open(&dir, KEY, 0, 1).unwrap(), 0, 0, &events[..5]);
         let err = EventLog::open(&dir, KEY, 40, 1).err().unwrap();
         assert!(err.contains("missing"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn published_blocks_are_cached_as_reading_them_back_would_decode_them() {
+        let dir = tmp("cached");
+        let events: Vec<Event> = (0..5000u64)
+            .map(|i| ev(i, ["a", "b"][i as usize % 2], i as i64))
+            .collect();
+        let log = EventLog::open(&dir, KEY, 0, 1).unwrap();
+        commit(&log, 0, 0, &events);
+        let metas = log.tables.read().unwrap().blocks.clone();
+        assert_eq!(metas.len(), 2, "{MAX_BLOCK_EVENTS} and the rest");
+        let cached: Vec<Arc<Decoded>> = metas
+            .iter()
+            .map(|m| log.cache.lock().unwrap().get(m.first_seq).expect("cached on publish"))
+            .collect();
+        *log.cache.lock().unwrap() = Cache::default();
+        for (m, c) in metas.iter().zip(cached) {
+            let read = log.decoded(m).unwrap();
+            assert_eq!((&c.bytes, &c.offsets), (&read.bytes, &read.offsets));
+            assert_eq!(c.bytes.len(), m.raw_len as usize);
+        }
+        assert_eq!(log.event(4321).unwrap(), events[4321]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
