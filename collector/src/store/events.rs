@@ -85,30 +85,57 @@ struct StoredEventV1 {
     attrs: Vec<(String, String)>,
 }
 
-impl From<&Event> for StoredEventV1 {
-    fn from(e: &Event) -> Self {
-        StoredEventV1 {
-            id: e.id.clone(),
+/// [`StoredEventV1`]'s encoding, borrowed from an event: the same bytes without copying its
+/// strings (a slice encodes as a `Vec` does, a `&str` as a `String`).
+#[derive(Encode)]
+struct StoredEventV1Ref<'a> {
+    id: &'a str,
+    event_type: u8,
+    time: i64,
+    agent_id: &'a str,
+    license: Option<&'a str>,
+    customer: Option<&'a str>,
+    product: Option<&'a str>,
+    plan: Option<&'a str>,
+    previous_plan: Option<&'a str>,
+    region: Option<&'a str>,
+    user: Option<&'a str>,
+    domain: Option<&'a str>,
+    version: Option<&'a str>,
+    feature: Option<&'a str>,
+    machine: Option<&'a str>,
+    country: Option<&'a str>,
+    deployment: Option<u8>,
+    result: u8,
+    expires_at: Option<i64>,
+    usage: [Option<u64>; 6],
+    attrs: &'a [(String, String)],
+}
+
+impl<'a> From<&'a Event> for StoredEventV1Ref<'a> {
+    fn from(e: &'a Event) -> Self {
+        StoredEventV1Ref {
+            id: &e.id,
             event_type: e.event_type.tag(),
             time: e.time,
-            agent_id: e.agent_id.clone(),
-            license: e.license.clone(),
-            customer: e.customer.clone(),
-            product: e.product.clone(),
-            plan: e.plan.clone(),
-            previous_plan: e.previous_plan.clone(),
-            region: e.region.clone(),
-            user: e.user.clone(),
-            domain: e.domain.clone(),
-            version: e.version.clone(),
-            feature: e.feature.clone(),
-            machine: e.machine.clone(),
-            country: e.country.clone(),
+            agent_id: &e.agent_id,
+            license: e.license.as_deref(),
+            customer: e.customer.as_deref(),
+            product: e.product.as_deref(),
+            plan: e.plan.as_deref(),
+            previous_plan: e.previous_plan.as_deref(),
+            region: e.region.as_deref(),
+            user: e.user.as_deref(),
+            domain: e.domain.as_deref(),
+            version: e.version.as_deref(),
+            feature: e.feature.as_deref(),
+            machine: e.machine.as_deref(),
+            country: e.country.as_deref(),
             deployment: e.deployment.map(Deployment::tag),
             result: e.result.tag(),
             expires_at: e.expires_at,
             usage: e.usage.to_array(),
-            attrs: e.attrs.clone(),
+            attrs: &e.attrs,
         }
     }
 }
@@ -153,7 +180,7 @@ pub(super) fn decode_record(body: &[u8]) -> Option<Event> {
 /// Encodes one record (the body of a data-section record, and of a first-format event value).
 #[cfg(test)]
 pub(super) fn encode_record(e: &Event) -> Vec<u8> {
-    bincode::encode_to_vec(StoredEventV1::from(e), BINCODE).expect("encoding into memory")
+    bincode::encode_to_vec(StoredEventV1Ref::from(e), BINCODE).expect("encoding into memory")
 }
 
 /// The id hashes are already uniform: the set uses their low bits as they are.
@@ -655,7 +682,7 @@ impl EventLog {
             let at = raw.len();
             offsets.push(at as u32);
             raw.extend_from_slice(&[0; 4]);
-            bincode::encode_into_std_write(StoredEventV1::from(*e), &mut raw, BINCODE)
+            bincode::encode_into_std_write(StoredEventV1Ref::from(*e), &mut raw, BINCODE)
                 .map_err(|e| std::io::Error::other(format!("encoding an event: {e}")))?;
             let len = (raw.len() - at - 4) as u32;
             raw[at..at + 4].copy_from_slice(&len.to_be_bytes());
@@ -1215,6 +1242,33 @@ mod tests {
         let err = EventLog::open(&dir, KEY, 40, 1).err().unwrap();
         assert!(err.contains("missing"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_borrowed_record_encodes_as_the_stored_format() {
+        let mut e = ev(7, "lic", 1_700_000_000_000_000_000);
+        e.customer = Some("c".into());
+        e.product = Some("p".into());
+        e.previous_plan = Some("free".into());
+        e.region = Some("eu".into());
+        e.user = Some("u".into());
+        e.domain = Some("d.example".into());
+        e.version = Some("1.2".into());
+        e.feature = Some("sso".into());
+        e.machine = Some("mf_x".into());
+        e.country = Some("DE".into());
+        e.deployment = Some(Deployment::Hybrid);
+        e.result = ResultCode::LimitExceeded;
+        e.expires_at = Some(1_800_000_000_000_000_000);
+        e.usage = Usage::from_array([Some(1), Some(2), None, Some(4), Some(5), Some(6)]);
+        let bytes = encode_record(&e);
+        let (owned, _): (StoredEventV1, usize) = bincode::decode_from_slice(&bytes, BINCODE).unwrap();
+        assert_eq!(
+            bincode::encode_to_vec(owned, BINCODE).unwrap(),
+            bytes,
+            "the owned layout"
+        );
+        assert_eq!(decode_record(&bytes).unwrap(), e);
     }
 
     #[test]
