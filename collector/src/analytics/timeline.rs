@@ -18,7 +18,7 @@ use keytrail_common::time::UnixNanos;
 ///
 /// That lookup reads stored events back and costs more than the rest of an insert, so each
 /// point also keeps a bound on its run: no applied event carrying the field lies after the
-/// point, before the next one, later than `run_end`. A late event not earlier than the bound (or
+/// point, before the next one, later than [`Point::run_end`]. A late event not earlier than the bound (or
 /// before the first point) has the next point as its successor, and nothing is looked up.
 /// Traffic with a value that changes on most events (a machine count) makes most runs a
 /// single event.
@@ -40,51 +40,80 @@ impl<T> Default for Timeline<T> {
 
 /// A change point, and the bound on its run (see [`Timeline`]).
 ///
-/// The bound is not persisted: a snapshot holds `(time, store_seq, value)` per point, and a
-/// point read back has no bound (`i64::MAX`), which only costs lookups.
+/// The bound is kept to one bit, so a point costs no more memory than `(time, store_seq,
+/// value)` (queries walk these points): set, every event of the run has the point's own
+/// time; clear, there is no bound (`i64::MAX`). A bound that is neither is rounded up to
+/// none, which only costs lookups. The bit is the top bit of the sequence (store sequences
+/// stay far below 2^63). It is not persisted: a snapshot holds `(time, store_seq, value)`
+/// per point, and a point read back has no bound.
 #[derive(Clone, Debug, PartialEq)]
 struct Point<T> {
     time: i64,
-    seq: u64,
+    seq_and_bound: u64,
     value: T,
-    /// No applied event carrying the field lies after this point and before the next one
-    /// with a time later than this.
-    run_end: i64,
 }
 
+/// The bit of [`Point::seq_and_bound`] that says the run ends at the point's time.
+const RUN_AT_TIME: u64 = 1 << 63;
+
 impl<T> Point<T> {
+    fn new(time: i64, seq: u64, value: T, run_end: i64) -> Point<T> {
+        debug_assert!(seq < RUN_AT_TIME, "store sequence {seq} out of range");
+        let mut p = Point {
+            time,
+            seq_and_bound: seq & !RUN_AT_TIME,
+            value,
+        };
+        p.set_run_end(run_end);
+        p
+    }
+
     fn key(&self) -> (i64, u64) {
-        (self.time, self.seq)
+        (self.time, self.seq_and_bound & !RUN_AT_TIME)
+    }
+
+    /// No applied event carrying the field lies after this point and before the next one
+    /// with a time later than this.
+    fn run_end(&self) -> i64 {
+        if self.seq_and_bound & RUN_AT_TIME != 0 {
+            self.time
+        } else {
+            i64::MAX
+        }
+    }
+
+    fn set_run_end(&mut self, end: i64) {
+        if end <= self.time {
+            self.seq_and_bound |= RUN_AT_TIME;
+        } else {
+            self.seq_and_bound &= !RUN_AT_TIME;
+        }
     }
 }
 
 impl<T: Encode> Encode for Point<T> {
     fn encode<E: Encoder>(&self, enc: &mut E) -> Result<(), EncodeError> {
-        (self.time, self.seq, &self.value).encode(enc)
+        let (time, seq) = self.key();
+        (time, seq, &self.value).encode(enc)
     }
+}
+
+fn read_point<T>((time, seq, value): (i64, u64, T)) -> Result<Point<T>, DecodeError> {
+    if seq >= RUN_AT_TIME {
+        return Err(DecodeError::OtherString(format!("store sequence {seq} out of range")));
+    }
+    Ok(Point::new(time, seq, value, i64::MAX))
 }
 
 impl<C, T: Decode<C>> Decode<C> for Point<T> {
     fn decode<D: Decoder<Context = C>>(d: &mut D) -> Result<Self, DecodeError> {
-        let (time, seq, value) = <(i64, u64, T)>::decode(d)?;
-        Ok(Point {
-            time,
-            seq,
-            value,
-            run_end: i64::MAX,
-        })
+        read_point(<(i64, u64, T)>::decode(d)?)
     }
 }
 
 impl<'de, C, T: BorrowDecode<'de, C>> BorrowDecode<'de, C> for Point<T> {
     fn borrow_decode<D: BorrowDecoder<'de, Context = C>>(d: &mut D) -> Result<Self, DecodeError> {
-        let (time, seq, value) = <(i64, u64, T)>::borrow_decode(d)?;
-        Ok(Point {
-            time,
-            seq,
-            value,
-            run_end: i64::MAX,
-        })
+        read_point(<(i64, u64, T)>::borrow_decode(d)?)
     }
 }
 
@@ -138,26 +167,20 @@ impl<T: PartialEq> Timeline<T> {
         if pos > 0 && self.points[pos - 1].value == value {
             // The value at every t >= time is already `value`; this event joins that run.
             let before = &mut self.points[pos - 1];
-            before.run_end = before.run_end.max(time);
+            before.set_run_end(before.run_end().max(time));
             return Inserted::Exact;
         }
         if self.points.get(pos).is_some_and(|p| p.key() == key) {
             return Inserted::Exact; // the same event applied twice
         }
         // The bound of the run this event lands in (before the first point: none).
-        let split_end = pos.checked_sub(1).map_or(i64::MIN, |p| self.points[p].run_end);
+        let split_end = pos.checked_sub(1).map_or(i64::MIN, |p| self.points[p].run_end());
         // No event of that run is later than the bound, and those at the same time as this
         // one were applied before it (store sequences grow in the order events are applied,
         // which is also what `next` assumes). So if this one is not earlier than the bound,
         // none lies between it and the next point, which is its successor.
         let successor_is_next = late && pos < self.points.len() && time >= split_end;
-        let point = |time, seq, value, run_end| Point {
-            time,
-            seq,
-            value,
-            run_end,
-        };
-        self.points.insert(pos, point(time, seq, value, time));
+        self.points.insert(pos, Point::new(time, seq, value, time));
         let mut outcome = Inserted::Exact;
         if late && !successor_is_next {
             // `value` holds from `time` until the next event carrying the field, which has its
@@ -168,13 +191,13 @@ impl<T: PartialEq> Timeline<T> {
                     let before_next_point = next_point.is_none_or(|p| (nt, ns) < p);
                     if nv != self.points[pos].value && before_next_point && (nt, ns) > key {
                         // The rest of the split run, from its first event after this one.
-                        self.points.insert(pos + 1, point(nt, ns, nv, split_end));
+                        self.points.insert(pos + 1, Point::new(nt, ns, nv, split_end));
                     } else if next_point != Some((nt, ns)) {
-                        self.points[pos].run_end = split_end;
+                        self.points[pos].set_run_end(split_end);
                     }
                 }
                 None => {
-                    self.points[pos].run_end = split_end;
+                    self.points[pos].set_run_end(split_end);
                     outcome = Inserted::NextUnknown;
                 }
             }
@@ -186,7 +209,7 @@ impl<T: PartialEq> Timeline<T> {
             if self.points[i].value == self.points[i - 1].value {
                 let dropped = self.points.remove(i);
                 let before = &mut self.points[i - 1];
-                before.run_end = before.run_end.max(dropped.run_end).max(dropped.time);
+                before.set_run_end(before.run_end().max(dropped.run_end()).max(dropped.time));
             } else {
                 i += 1;
             }
@@ -202,7 +225,7 @@ impl<T: PartialEq> Timeline<T> {
         let late = self.last.is_some_and(|l| key < l);
         match self.points.last_mut() {
             Some(p) if !late && p.key() <= key && same(&p.value) => {
-                p.run_end = p.run_end.max(time);
+                p.set_run_end(p.run_end().max(time));
                 self.last = Some(key);
                 true
             }
@@ -353,24 +376,28 @@ mod tests {
         });
         assert_eq!(asked, 1);
         assert_eq!((tl.at(93), tl.at(95)), (Some(&3), Some(&1)));
-        // After the end of a run, before the next point: no lookup.
+        // A run of events at one time (a batch stamped once): a late event after it needs
+        // no lookup, even at that same time (applied later than the run's events).
         let mut tl = Timeline::default();
-        tl.insert(0, 0, 'a', || unreachable!("in order"));
+        tl.insert(10, 0, 'a', || unreachable!("in order"));
         assert!(tl.repeats(10, 1, |v| *v == 'a'));
         tl.insert(20, 2, 'b', || unreachable!("in order"));
-        tl.insert(15, 3, 'c', || unreachable!("after the run of the point at 0"));
+        tl.insert(15, 3, 'c', || unreachable!("after the run of the point at 10"));
         assert_eq!((tl.at(10), tl.at(15), tl.at(20)), (Some(&'a'), Some(&'c'), Some(&'b')));
-        // At the time the run ends, applied later than its events: no lookup either.
-        tl.insert(15, 5, 'e', || unreachable!("at the end of the run of the point at 15"));
+        tl.insert(15, 4, 'e', || unreachable!("at the time of the run of the point at 15"));
         assert_eq!((tl.at(15), tl.at(20)), (Some(&'e'), Some(&'b')));
-        // Inside a run: a lookup.
+        // A run over several times has no bound kept: a late event after its point asks, and
+        // the answer is the same.
+        tl.insert(30, 5, 'f', || unreachable!("in order"));
+        assert!(tl.repeats(40, 6, |v| *v == 'f'));
+        tl.insert(50, 7, 'g', || unreachable!("in order"));
         let mut asked = 0;
-        tl.insert(5, 6, 'd', || {
+        tl.insert(35, 8, 'h', || {
             asked += 1;
-            Some((10, 1, 'a'))
+            Some((40, 6, 'f'))
         });
         assert_eq!(asked, 1);
-        assert_eq!((tl.at(5), tl.at(10), tl.at(15)), (Some(&'d'), Some(&'a'), Some(&'e')));
+        assert_eq!((tl.at(35), tl.at(40), tl.at(50)), (Some(&'h'), Some(&'f'), Some(&'g')));
     }
 
     #[test]
