@@ -513,33 +513,35 @@ impl Agent {
 
     /// Waits until `/readyz` answers `want` (200 or 503); returns its body.
     pub fn wait_ready(&self, want: u16, within: Duration) -> serde_json::Value {
-        let deadline = Instant::now() + within;
-        loop {
-            let (s, v) = self.get_json("/readyz");
-            if s == want {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "readyz stayed {s} ({v}), wanted {want}\n{}",
-                self.proc.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_readyz(|s, _| s == want, &want.to_string(), within)
     }
 
     /// Waits until `/readyz` is 503 for a reason containing `needle` (an agent is also not
     /// ready, for another reason, before its first contact with the collector).
     pub fn wait_not_ready_for(&self, needle: &str, within: Duration) -> serde_json::Value {
+        self.wait_readyz(
+            |s, v| s == 503 && v["reason"].as_str().unwrap_or_default().contains(needle),
+            &format!("503 for {needle:?}"),
+            within,
+        )
+    }
+
+    /// Polls `/readyz` until `done(status, body)`; returns the body.
+    fn wait_readyz(
+        &self,
+        done: impl Fn(u16, &serde_json::Value) -> bool,
+        wanted: &str,
+        within: Duration,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + within;
         loop {
             let (s, v) = self.get_json("/readyz");
-            if s == 503 && v["reason"].as_str().unwrap_or_default().contains(needle) {
+            if done(s, &v) {
                 return v;
             }
             assert!(
                 Instant::now() < deadline,
-                "readyz stayed {s} ({v}), wanted 503 for {needle:?}\n{}",
+                "readyz stayed {s} ({v}), wanted {wanted}\n{}",
                 self.proc.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
