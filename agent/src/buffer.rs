@@ -16,7 +16,7 @@
 //! | `m.agent_id`       | the agent id, persisted at creation, reused when the config sets none |
 //! | `m.next_seq`       | `u64 BE`: the next batch sequence; written with every seal |
 //! | `m.format`         | `u32 BE`: layout version (1) |
-//! | `p` ‖ chunk `u64`  | pending chunk: `1 ‖ crc32 ‖ count u32 ‖ arrived i64 ‖ records` |
+//! | `p` ‖ chunk `u64`  | pending chunk: `1 ‖ crc32 ‖ count u32 ‖ arrived i64 ‖ records`, or compressed: `2 ‖ crc32 ‖ count u32 ‖ arrived i64 ‖ records_len u32 ‖ zstd frame of the records` |
 //! | `s` ‖ seq `u64`    | sealed batch record: `1 ‖ crc32 ‖ count u32 ‖ first_arrived i64 ‖ file_len u64` |
 //! | `d` ‖ seq `u64`    | dead letter: `1 ‖ crc32 ‖ count u32 ‖ dead_at i64 ‖ reason_len u16 ‖ reason ‖ frame` |
 //! | `q` ‖ n `u64`      | quarantine: raw bytes of a record whose checksum failed |
@@ -30,12 +30,23 @@
 //!
 //! All integers big-endian; `crc32` (IEEE) covers every byte after it. A chunk holds many
 //! events — a group commit's requests, i.e. those that arrived during the previous flush, cut
-//! at request boundaries into chunks of at most a quarter batch (`ship.batch_max_events` /
-//! `_bytes`) and 96 KiB — as wire-v1 event records (`common::wire::append_event`). This is a deliberate reuse of the
-//! wire *event* encoding for storage: sealing is then a concatenation plus one compression,
-//! with no decode/re-encode, and the chunk's version byte names the encoding so a future
-//! wire version can still read old chunks. Storing many events per key matters: sled costs
-//! about 10 µs per key written and 15 µs per key drained here.
+//! into chunks of at most a quarter batch (`ship.batch_max_events` / `_bytes`) and 96 KiB,
+//! between requests and, for a request larger than that, between its records — as wire-v1
+//! event records (`common::wire::append_event`). This is a deliberate reuse of the
+//! wire *event* encoding for storage: sealing is then a concatenation, with no
+//! decode/re-encode, and the chunk's version byte names the encoding so a future wire
+//! version can still read old chunks. Storing many events per key matters: sled costs about
+//! 10 µs per key written and 15 µs per key drained here.
+//!
+//! A chunk of at least [`COMPRESS_MIN_BYTES`] of records is compressed as it is written
+//! (version 2), with the ship settings' zstd level, and sealing passes its zstd frame on
+//! unchanged: a wire payload may be several frames back to back (`docs/wire-protocol.md`).
+//! Smaller chunks, which arrive when traffic is light, stay raw and are compressed together
+//! when sealed, so they compress as well as a whole batch does. Compressing at write time
+//! costs no more CPU than compressing at seal time did, and sled then writes a sixth of the
+//! bytes: it rewrites a leaf's values whole whenever it consolidates the leaf, and writes a
+//! leaf over about 128 KiB to a blob file of its own (created, synced, deleted), so raw
+//! chunks cost about 550 bytes of disk writes per 128-byte event (docs/benchmarks.md).
 //!
 //! # Rules
 //!
@@ -51,9 +62,11 @@
 //!   before taking more appends: ingest that outruns sealing gets slower acknowledgements,
 //!   not a growing heap.
 //! * **Seal once.** Sealing takes the oldest pending chunks whole, while they fit the batch
-//!   limits (a chunk that does not fit starts the next batch; only one larger than a batch is
-//!   split and its rest rewritten: sled rewrites the values a tree node holds whenever it
-//!   consolidates the node, so every rewrite of pending data costs its size again), compresses them into a frame with sequence `m.next_seq`, writes the
+//!   limits (a chunk that does not fit starts the next batch; only one larger than a batch,
+//!   written under larger limits before a restart, is split and its rest rewritten: sled
+//!   rewrites the values a tree node holds whenever it consolidates the node, so every
+//!   rewrite of pending data costs its size again), makes a frame with sequence
+//!   `m.next_seq` of their zstd frames (raw chunks compressed on the way), writes the
 //!   batch file durably (temporary file, fsync, rename, fsync of the folder), then in one
 //!   `apply_batch` inserts `s‖seq`, removes or shortens the chunks and advances `m.next_seq`;
 //!   then flushes. Only sequences below [`Buffer::durable_seq`] — sealed *and* flushed — are
@@ -126,6 +139,16 @@ const MAX_GROUP_BYTES: usize = 1 << 20;
 /// Largest chunk the writer cuts (see [`chunk_limits`]): under sled's blob threshold (a quarter
 /// of its 512 KiB log segment), above which sled writes an update to a file of its own.
 const MAX_CHUNK_BYTES: usize = 96 << 10;
+/// Chunks with at least this many bytes of records are written compressed (see the module
+/// doc). zstd level 3 over 16 KiB of typical records (about 200 events) comes within a tenth
+/// of what it achieves over a whole 5,000-event batch.
+const COMPRESS_MIN_BYTES: usize = 16 << 10;
+/// Chunk record versions: the records as they are (the first layout), or one zstd frame of
+/// them.
+const CHUNK_RAW: u8 = RECORD_VERSION;
+const CHUNK_ZSTD: u8 = 2;
+/// The largest uncompressed size a compressed chunk may declare; checked before decompressing.
+const MAX_CHUNK_RECORDS_LEN: usize = 1 << 30;
 
 /// Events and bytes of one pending chunk: at most a quarter of a batch, so the sealer packs
 /// whole chunks into batches at least three quarters full (usually full) and never has to
@@ -280,6 +303,7 @@ pub struct Buffer {
 struct SealWork {
     sealer: wire::FrameSealer,
     payload: Vec<u8>,
+    compressed: Vec<u8>,
 }
 
 fn key(prefix: u8, n: u64) -> [u8; 9] {
@@ -324,9 +348,7 @@ fn chunk_record(count: u32, arrived: UnixNanos, records: &[u8]) -> Vec<u8> {
 }
 
 /// [`chunk_record`] of the concatenation of `parts` (`len` bytes in all), built in one buffer
-/// of the exact size: one request's records make a chunk of their own when they are over
-/// the chunk limits, megabytes at most, and each copy of one is that much more memory at the
-/// peak.
+/// of the exact size.
 fn chunk_record_of<'a>(
     count: u32,
     arrived: UnixNanos,
@@ -349,16 +371,142 @@ fn chunk_record_of<'a>(
 struct Chunk<'a> {
     count: u32,
     arrived: UnixNanos,
-    records: &'a [u8],
+    /// Bytes of the records, uncompressed.
+    records_len: usize,
+    body: ChunkBody<'a>,
+}
+
+enum ChunkBody<'a> {
+    /// The records as they are (version 1).
+    Raw(&'a [u8]),
+    /// One zstd frame of the records (version 2).
+    Zstd(&'a [u8]),
+}
+
+impl Chunk<'_> {
+    /// The records, decompressed when the chunk is compressed; `None` when they do not
+    /// decompress to the length the chunk declares.
+    fn records(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
+        match self.body {
+            ChunkBody::Raw(r) => Some(std::borrow::Cow::Borrowed(r)),
+            ChunkBody::Zstd(z) => wire::decompress_payload(z, self.records_len)
+                .ok()
+                .map(std::borrow::Cow::Owned),
+        }
+    }
 }
 
 fn parse_chunk(r: &[u8]) -> Option<Chunk<'_>> {
-    let b = open_record(r, 12)?;
-    Some(Chunk {
-        count: be_u32(b, 0),
-        arrived: be_i64(b, 4),
-        records: &b[12..],
+    if r.len() < 5 + 12 || !(r[0] == CHUNK_RAW || r[0] == CHUNK_ZSTD) {
+        return None;
+    }
+    let b = &r[5..];
+    if crc32fast::hash(b) != be_u32(r, 1) {
+        return None;
+    }
+    let (count, arrived) = (be_u32(b, 0), be_i64(b, 4));
+    if r[0] == CHUNK_RAW {
+        let records = &b[12..];
+        return Some(Chunk {
+            count,
+            arrived,
+            records_len: records.len(),
+            body: ChunkBody::Raw(records),
+        });
+    }
+    let records_len = (b.len() >= 16).then(|| be_u32(b, 12) as usize)?;
+    (records_len <= MAX_CHUNK_RECORDS_LEN).then_some(Chunk {
+        count,
+        arrived,
+        records_len,
+        body: ChunkBody::Zstd(&b[16..]),
     })
+}
+
+/// The writer's compression context, and room to join a chunk's parts before compressing
+/// them (only chunks of several appends, so at most [`MAX_CHUNK_BYTES`]).
+struct ChunkCompressor {
+    zstd: wire::FrameSealer,
+    joined: Vec<u8>,
+}
+
+impl ChunkCompressor {
+    fn new(zstd_level: i32) -> ChunkCompressor {
+        ChunkCompressor {
+            zstd: wire::FrameSealer::new(zstd_level),
+            joined: Vec::new(),
+        }
+    }
+
+    /// The chunk record of the concatenation of `parts` (`len` bytes in all): compressed
+    /// when it holds at least [`COMPRESS_MIN_BYTES`], else as [`chunk_record_of`] builds it.
+    fn record(&mut self, count: u32, arrived: UnixNanos, parts: &[&[u8]], len: usize) -> Vec<u8> {
+        if !(COMPRESS_MIN_BYTES..=MAX_CHUNK_RECORDS_LEN).contains(&len) {
+            return chunk_record_of(count, arrived, parts.iter().copied(), len);
+        }
+        let records = match parts {
+            [one] => one,
+            _ => {
+                self.joined.clear();
+                for part in parts {
+                    self.joined.extend_from_slice(part);
+                }
+                &self.joined[..]
+            }
+        };
+        compressed_chunk_record(&mut self.zstd, count, arrived, records)
+    }
+}
+
+/// What chunks are made of: each append whole, or, when it is over `max_events` or
+/// `max_bytes`, cut at record boundaries into pieces within them (at least one record each),
+/// so that no chunk is larger than a batch and sealing never rewrites the rest of one. All
+/// the chunks of a group are written in one `apply_batch`, so an append stays all-or-nothing.
+fn chunk_units(appends: &[Append], max_events: u32, max_bytes: usize) -> Vec<(&[u8], u32)> {
+    let mut units = Vec::with_capacity(appends.len());
+    for a in appends {
+        let records = &a.records[..];
+        if a.count <= max_events && records.len() <= max_bytes {
+            units.push((records, a.count));
+            continue;
+        }
+        let spans = match wire::record_spans(records) {
+            Ok(spans) if spans.len() == a.count as usize => spans,
+            // Not cut when its records do not parse (ingest built them, so this does not
+            // happen; the sealer would find out).
+            _ => {
+                units.push((records, a.count));
+                continue;
+            }
+        };
+        let (mut start, mut end, mut n) = (0, 0, 0u32);
+        for (at, len) in spans {
+            if n > 0 && (n >= max_events || at + len - start > max_bytes) {
+                units.push((&records[start..end], n));
+                (start, n) = (at, 0);
+            }
+            end = at + len;
+            n += 1;
+        }
+        if n > 0 {
+            units.push((&records[start..end], n));
+        }
+    }
+    units
+}
+
+/// A compressed (version 2) chunk record of `records`.
+fn compressed_chunk_record(zstd: &mut wire::FrameSealer, count: u32, arrived: UnixNanos, records: &[u8]) -> Vec<u8> {
+    let mut r = Vec::with_capacity(5 + 16);
+    r.push(CHUNK_ZSTD);
+    r.extend_from_slice(&[0; 4]);
+    r.extend_from_slice(&count.to_be_bytes());
+    r.extend_from_slice(&arrived.to_be_bytes());
+    r.extend_from_slice(&(records.len() as u32).to_be_bytes());
+    zstd.compress_append(records, &mut r);
+    let crc = crc32fast::hash(&r[5..]);
+    r[1..5].copy_from_slice(&crc.to_be_bytes());
+    r
 }
 
 /// A sealed batch file's content (its `first_arrived` lives in the sled record too).
@@ -763,7 +911,8 @@ impl Buffer {
         let Ok(db) = self.db() else { return ids };
         for (_, v) in db.scan_prefix([P]).flatten() {
             let Some(chunk) = parse_chunk(&v) else { continue };
-            if let Ok(events) = wire::decode_payload(chunk.records, &self.agent_id, chunk.count) {
+            let Some(records) = chunk.records() else { continue };
+            if let Ok(events) = wire::decode_payload(&records, &self.agent_id, chunk.count) {
                 ids.extend(events.into_iter().map(|e| e.id));
             }
         }
@@ -1092,6 +1241,7 @@ impl Buffer {
 
     fn writer_loop(&self, mut rx: mpsc::Receiver<Append>) {
         let mut group: Vec<Append> = Vec::new();
+        let mut compressor = ChunkCompressor::new(self.limits.zstd_level);
         while let Some(first) = rx.blocking_recv() {
             let mut bytes = first.records.len();
             group.push(first);
@@ -1105,7 +1255,7 @@ impl Buffer {
                 }
             }
             self.wait_for_sealer();
-            self.commit_group(&mut group);
+            self.commit_group(&mut group, &mut compressor);
         }
         tracing::debug!("buffer writer stopped");
     }
@@ -1128,7 +1278,7 @@ impl Buffer {
     }
 
     /// Writes every accepted append of `group` as chunks, flushes once, answers everyone.
-    fn commit_group(&self, group: &mut Vec<Append>) {
+    fn commit_group(&self, group: &mut Vec<Append>, compressor: &mut ChunkCompressor) {
         if !self.heal() {
             let message = "the buffer's storage failed (disk full?); retry later";
             for a in group.drain(..) {
@@ -1157,33 +1307,37 @@ impl Buffer {
         if accepted.is_empty() {
             return;
         }
+        // Chunks of at most a quarter batch, so the sealer takes them whole (`seal_with`):
+        // appends that fit join, one larger than that is cut at record boundaries. Built (and
+        // compressed) before the state lock is taken.
+        let (max_events, max_bytes) = chunk_limits(&self.limits);
+        let units = chunk_units(&accepted, max_events, max_bytes);
+        let mut chunks = Vec::new();
+        let mut rest = &units[..];
+        while !rest.is_empty() {
+            // One chunk: the next unit, and those after it while they fit.
+            let (mut len, mut count) = (rest[0].0.len(), rest[0].1);
+            let mut n = 1;
+            while n < rest.len() && len + rest[n].0.len() <= max_bytes && count.saturating_add(rest[n].1) <= max_events
+            {
+                len += rest[n].0.len();
+                count += rest[n].1;
+                n += 1;
+            }
+            let (parts, later) = rest.split_at(n);
+            rest = later;
+            if count == 0 {
+                continue;
+            }
+            let parts: Vec<&[u8]> = parts.iter().map(|u| u.0).collect();
+            chunks.push((compressor.record(count, arrived, &parts, len), count));
+        }
         let mut batch = sled::Batch::default();
         let mut added_events = 0u64;
         let mut added_bytes = 0u64;
         {
             let mut st = self.state.lock().expect("buffer state");
-            // Chunks of at most a quarter batch, so the sealer takes them whole (`seal_with`).
-            let (max_events, max_bytes) = chunk_limits(&self.limits);
-            let mut rest = &accepted[..];
-            while !rest.is_empty() {
-                // One chunk: the next append, and those after it while they fit.
-                let mut len = rest[0].records.len();
-                let mut count = rest[0].count;
-                let mut n = 1;
-                while n < rest.len()
-                    && len + rest[n].records.len() <= max_bytes
-                    && count.saturating_add(rest[n].count) <= max_events
-                {
-                    len += rest[n].records.len();
-                    count += rest[n].count;
-                    n += 1;
-                }
-                let (parts, later) = rest.split_at(n);
-                rest = later;
-                if count == 0 {
-                    continue;
-                }
-                let r = chunk_record_of(count, arrived, parts.iter().map(|a| &a.records[..]), len);
+            for (r, count) in chunks {
                 added_bytes += r.len() as u64;
                 added_events += count as u64;
                 batch.insert(&key(P, st.next_chunk), r);
@@ -1370,6 +1524,7 @@ impl Buffer {
             .unwrap_or_else(|| SealWork {
                 sealer: wire::FrameSealer::new(self.limits.zstd_level),
                 payload: Vec::new(),
+                compressed: Vec::new(),
             });
         let sealed = self.seal_with(&mut work);
         *self.seal_work.lock().expect("seal workspace") = Some(work);
@@ -1386,13 +1541,23 @@ impl Buffer {
     fn seal_with(&self, work: &mut SealWork) -> Result<Option<BatchSeq>, BufferError> {
         let max_events = self.limits.batch_max_events;
         let max_bytes = self.limits.batch_max_bytes as usize;
-        let payload = &mut work.payload;
-        payload.clear();
+        // The batch's payload as zstd frames, and the raw records not yet compressed (raw
+        // chunks are compressed together, in order, before the next compressed chunk's
+        // frame and at the end).
+        let SealWork {
+            sealer,
+            payload: raw,
+            compressed,
+        } = work;
+        raw.clear();
+        compressed.clear();
+        let mut payload_len = 0usize;
         let mut events = 0u32;
         let mut first_arrived = i64::MAX;
         let mut batch = sled::Batch::default();
         let mut removed_events = 0u64;
         let mut removed_bytes = 0u64;
+        let mut rewritten_bytes = 0u64;
         let mut corrupt = Vec::new();
         for item in self.db()?.scan_prefix([P]) {
             let (k, v) = item?;
@@ -1400,28 +1565,49 @@ impl Buffer {
                 corrupt.push((k, v));
                 continue;
             };
-            let spans = match wire::record_spans(chunk.records) {
+            // A chunk that does not fit whole starts the next batch: splitting it would rewrite
+            // its rest, and sled rewrites what it holds again when it consolidates a node.
+            // Only a chunk larger than a batch (written under larger limits, or by an earlier
+            // version that did not cut large requests) is split.
+            let fits_whole =
+                events as u64 + chunk.count as u64 <= max_events as u64 && payload_len + chunk.records_len <= max_bytes;
+            if events > 0 && !fits_whole {
+                break;
+            }
+            first_arrived = first_arrived.min(chunk.arrived);
+            if let (ChunkBody::Zstd(frame), true) = (&chunk.body, fits_whole) {
+                // Its frame goes into the payload as it is.
+                if !raw.is_empty() {
+                    sealer.compress_append(raw, compressed);
+                    raw.clear();
+                }
+                compressed.extend_from_slice(frame);
+                payload_len += chunk.records_len;
+                events += chunk.count;
+                removed_bytes += v.len() as u64;
+                removed_events += chunk.count as u64;
+                batch.remove(&k);
+                if events >= max_events || payload_len >= max_bytes {
+                    break;
+                }
+                continue;
+            }
+            let Some(records) = chunk.records() else {
+                corrupt.push((k, v));
+                continue;
+            };
+            let spans = match wire::record_spans(&records) {
                 Ok(s) if s.len() == chunk.count as usize => s,
                 _ => {
                     corrupt.push((k, v));
                     continue;
                 }
             };
-            // A chunk that does not fit whole starts the next batch: splitting it would rewrite
-            // its rest, and sled rewrites what it holds again when it consolidates a node.
-            // Only a chunk larger than a batch (one large request, or written by an earlier
-            // version) is split.
-            let fits_whole = events as u64 + chunk.count as u64 <= max_events as u64
-                && payload.len() + chunk.records.len() <= max_bytes;
-            if events > 0 && !fits_whole {
-                break;
-            }
-            first_arrived = first_arrived.min(chunk.arrived);
             // Take as many records as fit (always at least one per batch).
             let mut take = 0;
             let mut take_bytes = 0;
             for (_, len) in &spans {
-                let fits_bytes = payload.len() + take_bytes + len <= max_bytes || (events == 0 && take == 0);
+                let fits_bytes = payload_len + take_bytes + len <= max_bytes || (events == 0 && take == 0);
                 if events + take as u32 >= max_events || !fits_bytes {
                     break;
                 }
@@ -1431,19 +1617,25 @@ impl Buffer {
             if take == 0 {
                 break;
             }
-            payload.extend_from_slice(&chunk.records[..take_bytes]);
+            raw.extend_from_slice(&records[..take_bytes]);
+            payload_len += take_bytes;
             events += take as u32;
             removed_bytes += v.len() as u64;
             removed_events += take as u64;
             if take == spans.len() {
                 batch.remove(&k);
             } else {
-                let rest = chunk_record(chunk.count - take as u32, chunk.arrived, &chunk.records[take_bytes..]);
-                removed_bytes -= rest.len() as u64;
+                let (rest_count, rest) = (chunk.count - take as u32, &records[take_bytes..]);
+                let rest = if rest.len() >= COMPRESS_MIN_BYTES {
+                    compressed_chunk_record(sealer, rest_count, chunk.arrived, rest)
+                } else {
+                    chunk_record(rest_count, chunk.arrived, rest)
+                };
+                rewritten_bytes += rest.len() as u64;
                 batch.insert(&k, rest);
                 break;
             }
-            if events >= max_events || payload.len() >= max_bytes {
+            if events >= max_events || payload_len >= max_bytes {
                 break;
             }
         }
@@ -1458,8 +1650,11 @@ impl Buffer {
         if events == 0 {
             return Ok(None);
         }
+        if !raw.is_empty() {
+            sealer.compress_append(raw, compressed);
+        }
         let seq = self.state.lock().expect("buffer state").next_seq;
-        let frame = work.sealer.seal(&self.agent_id, BatchSeq(seq), events, payload);
+        let frame = wire::frame_of_compressed(&self.agent_id, BatchSeq(seq), events, payload_len, compressed);
         let sealed = sealed_file(events, first_arrived, &frame);
         let sealed_len = sealed.len() as u64;
         // The file first (durable), then the record that makes it part of the buffer. A crash
@@ -1485,7 +1680,7 @@ impl Buffer {
             let mut st = self.state.lock().expect("buffer state");
             st.next_seq = seq + 1;
             st.counts.pending_events = st.counts.pending_events.saturating_sub(removed_events);
-            st.counts.pending_bytes = st.counts.pending_bytes.saturating_sub(removed_bytes);
+            st.counts.pending_bytes = st.counts.pending_bytes.saturating_sub(removed_bytes) + rewritten_bytes;
             st.counts.sealed_events += events as u64;
             st.counts.sealed_bytes += sealed_len;
             st.counts.sealed_batches += 1;
@@ -1705,10 +1900,42 @@ mod tests {
         assert_eq!(built, record(&body));
         assert_eq!(built.len(), built.capacity());
         let c = parse_chunk(&built).expect("parses");
-        assert_eq!((c.count, c.arrived, c.records), (na + nb, 77, &whole[..]));
+        assert_eq!((c.count, c.arrived, c.records_len), (na + nb, 77, whole.len()));
+        assert_eq!(c.records().unwrap(), &whole[..]);
         let mut corrupt = built.clone();
         corrupt[40] ^= 1;
         assert!(parse_chunk(&corrupt).is_none());
+        // Under the compression threshold, the writer builds the same raw chunk.
+        let mut z = ChunkCompressor::new(3);
+        assert_eq!(z.record(na + nb, 77, &[&a[..], &b[..]], whole.len()), built);
+    }
+
+    #[test]
+    fn a_large_chunk_is_written_compressed_and_reads_back_as_its_records() {
+        let (a, na) = records(0..700);
+        let (b, nb) = records(700..1400);
+        let whole = [a.clone(), b.clone()].concat();
+        assert!(whole.len() >= COMPRESS_MIN_BYTES, "{} bytes", whole.len());
+        let mut z = ChunkCompressor::new(3);
+        for parts in [&[&a[..], &b[..]][..], &[&whole[..]][..]] {
+            let r = z.record(na + nb, 77, parts, whole.len());
+            assert_eq!(r[0], CHUNK_ZSTD);
+            assert!(r.len() < whole.len() / 4, "{} of {} bytes", r.len(), whole.len());
+            let c = parse_chunk(&r).expect("parses");
+            assert_eq!((c.count, c.arrived, c.records_len), (na + nb, 77, whole.len()));
+            assert!(matches!(c.body, ChunkBody::Zstd(_)));
+            assert_eq!(c.records().unwrap(), &whole[..]);
+            let mut corrupt = r.clone();
+            corrupt[30] ^= 1;
+            assert!(parse_chunk(&corrupt).is_none(), "checksum");
+        }
+        // A declared length that the frame does not come to: parsed, but its records are
+        // refused rather than cut or padded.
+        let mut r = z.record(na + nb, 77, &[&whole[..]], whole.len());
+        r[17..21].copy_from_slice(&(whole.len() as u32 + 1).to_be_bytes());
+        let crc = crc32fast::hash(&r[5..]);
+        r[1..5].copy_from_slice(&crc.to_be_bytes());
+        assert!(parse_chunk(&r).unwrap().records().is_none());
     }
 
     fn limits(max_bytes: u64, when_full: WhenFull, batch: u32) -> BufferLimits {
@@ -1816,7 +2043,7 @@ mod tests {
             group.push(Append { records, count, reply });
             replies.push(rx);
         }
-        b.commit_group(&mut group);
+        b.commit_group(&mut group, &mut ChunkCompressor::new(1));
         for mut rx in replies {
             assert!(matches!(rx.try_recv(), Ok(Ok(()))));
         }
@@ -1836,6 +2063,157 @@ mod tests {
         assert_eq!(sizes, [7, 2]);
         let want: Vec<String> = (0..9).map(|i| event(i).id).collect();
         assert_eq!(ids, want);
+        drop(b);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Commits one group of appends of `sizes` events each, numbered on from `next`.
+    fn commit(b: &Buffer, z: &mut ChunkCompressor, next: &mut u64, sizes: &[u64]) {
+        let mut group = Vec::new();
+        let mut replies = Vec::new();
+        for &n in sizes {
+            let (records, count) = records(*next..*next + n);
+            *next += n;
+            let (reply, rx) = oneshot::channel();
+            group.push(Append { records, count, reply });
+            replies.push(rx);
+        }
+        b.commit_group(&mut group, z);
+        for mut rx in replies {
+            assert!(matches!(rx.try_recv(), Ok(Ok(()))));
+        }
+    }
+
+    fn chunk_versions(b: &Buffer) -> Vec<(u8, u32)> {
+        let db = b.db().unwrap();
+        let chunks = db.scan_prefix([P]).values();
+        chunks
+            .map(|v| {
+                let v = v.unwrap();
+                (v[0], parse_chunk(&v).unwrap().count)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compressed_chunks_are_sealed_as_they_are_between_raw_ones_in_order() {
+        let dir = tmp("zchunks");
+        // Batches of up to 10,000 events: chunks of up to 2,500 (or 96 KiB).
+        let open = || {
+            Buffer::open(
+                &dir,
+                Some("a"),
+                limits(64 << 20, WhenFull::Reject, 10_000),
+                Arc::default(),
+            )
+            .unwrap()
+        };
+        let b = open();
+        let mut z = ChunkCompressor::new(1);
+        let mut next = 0;
+        // Small appends on their own (raw), large ones (compressed), then small ones that
+        // join into one chunk large enough to compress.
+        commit(&b, &mut z, &mut next, &[10]);
+        commit(&b, &mut z, &mut next, &[1_000]);
+        commit(&b, &mut z, &mut next, &[5]);
+        commit(&b, &mut z, &mut next, &[1_200]);
+        commit(&b, &mut z, &mut next, &[300, 300, 300, 300]);
+        assert_eq!(
+            chunk_versions(&b),
+            [
+                (CHUNK_RAW, 10),
+                (CHUNK_ZSTD, 1_000),
+                (CHUNK_RAW, 5),
+                (CHUNK_ZSTD, 1_200),
+                (CHUNK_ZSTD, 1_200)
+            ]
+        );
+        let frames: Vec<Vec<u8>> = {
+            let db = b.db().unwrap();
+            let chunks = db.scan_prefix([P]).values();
+            chunks
+                .filter_map(|v| match parse_chunk(&v.unwrap()).unwrap().body {
+                    ChunkBody::Zstd(f) => Some(f.to_vec()),
+                    ChunkBody::Raw(_) => None,
+                })
+                .collect()
+        };
+        // Counted the same after a restart.
+        drop(b);
+        let b = open();
+        assert_eq!(b.counts().pending_events, 3_415);
+        b.seal_one().unwrap().unwrap();
+        assert!(chunk_versions(&b).is_empty());
+        let sealed = b.next_sealed().unwrap().unwrap();
+        for f in &frames {
+            let passed_on = sealed.frame.windows(f.len()).any(|w| w == &f[..]);
+            assert!(passed_on, "a compressed chunk's frame is in the batch unchanged");
+        }
+        let batch = wire::decode_frame(&sealed.frame, &wire::DecodeLimits::default()).unwrap();
+        let ids: Vec<String> = batch.events.into_iter().map(|e| e.id).collect();
+        let want: Vec<String> = (0..3_415).map(|i| event(i).id).collect();
+        assert_eq!(ids, want);
+        drop(b);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_large_append_is_cut_into_chunks_within_the_limits() {
+        let dir = tmp("cut");
+        // Batches of 300: chunks of at most 75 events.
+        let b = Buffer::open(&dir, Some("a"), limits(64 << 20, WhenFull::Reject, 300), Arc::default()).unwrap();
+        let mut z = ChunkCompressor::new(1);
+        let mut next = 0;
+        commit(&b, &mut z, &mut next, &[10, 1_000, 20]);
+        let counts: Vec<u32> = chunk_versions(&b).into_iter().map(|(_, n)| n).collect();
+        // The last piece of the large append joins the next append.
+        let mut want = vec![10];
+        want.extend([75; 13]);
+        want.push(25 + 20);
+        assert_eq!(counts, want);
+        while b.seal_one().unwrap().is_some() {}
+        let (sizes, ids) = ship_all(&b);
+        assert_eq!(sizes, [235, 300, 300, 195], "whole chunks per batch");
+        let want: Vec<String> = (0..1_030).map(|i| event(i).id).collect();
+        assert_eq!(ids, want);
+        drop(b);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_compressed_chunk_larger_than_a_batch_is_split_and_its_rest_kept() {
+        let dir = tmp("zsplit");
+        let open = |batch| {
+            Buffer::open(
+                &dir,
+                Some("a"),
+                limits(64 << 20, WhenFull::Reject, batch),
+                Arc::default(),
+            )
+            .unwrap()
+        };
+        // Written under larger batch limits, then read under smaller ones.
+        let b = open(10_000);
+        let mut next = 0;
+        commit(&b, &mut ChunkCompressor::new(1), &mut next, &[2_000]);
+        assert_eq!(chunk_versions(&b), [(CHUNK_ZSTD, 2_000)]);
+        drop(b);
+        let b = open(300);
+        b.seal_one().unwrap().unwrap();
+        assert_eq!(b.counts().pending_events, 1_700);
+        assert_eq!(chunk_versions(&b), [(CHUNK_ZSTD, 1_700)], "the rest, rewritten");
+        let on_disk: u64 = {
+            let db = b.db().unwrap();
+            let chunks = db.scan_prefix([P]).values();
+            chunks.map(|v| v.unwrap().len() as u64).sum()
+        };
+        assert_eq!(b.counts().pending_bytes, on_disk);
+        while b.seal_one().unwrap().is_some() {}
+        let (sizes, ids) = ship_all(&b);
+        assert_eq!(sizes, [300, 300, 300, 300, 300, 300, 200]);
+        let want: Vec<String> = (0..2_000).map(|i| event(i).id).collect();
+        assert_eq!(ids, want);
+        assert_eq!(b.counts().pending_bytes, 0);
         drop(b);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -16,10 +16,13 @@
 //! 28  2  agent id length (u16 BE)
 //! 30  2  reserved, 0
 //! 32  n  agent id (UTF-8)
-//! ..  z  payload, one zstd frame
+//! ..  z  payload, one or more zstd frames back to back
 //! ..  4  CRC-32 (IEEE, u32 BE) of every byte before it
 //! ```
-//! The payload, uncompressed, is `count` records `u32 LE length ‖ bincode(event v1)`.
+//! The payload, uncompressed (the frames' outputs concatenated), is `count` records
+//! `u32 LE length ‖ bincode(event v1)`. The agent compresses large chunks of records when it
+//! buffers them and seals a batch by concatenating their frames, so a batch is compressed
+//! once, not once to buffer and again to send.
 //! bincode is kept behind this module so it can be swapped without touching callers.
 
 use bincode::de::Decoder;
@@ -223,29 +226,51 @@ impl FrameSealer {
 
     /// The frame of `payload`, which holds `event_count` records.
     pub fn seal(&mut self, agent_id: &str, seq: BatchSeq, event_count: u32, payload: &[u8]) -> Vec<u8> {
-        self.compressed.clear();
-        self.compressed.reserve(zstd::zstd_safe::compress_bound(payload.len()));
-        self.compressor
-            .compress_to_buffer(payload, &mut self.compressed)
-            .expect("zstd compression into memory");
-        let compressed = &self.compressed;
-        let agent = agent_id.as_bytes();
-        let mut f = Vec::with_capacity(HEADER_LEN + agent.len() + compressed.len() + TRAILER_LEN);
-        f.extend_from_slice(MAGIC);
-        f.extend_from_slice(&VERSION.to_be_bytes());
-        f.extend_from_slice(&0u16.to_be_bytes());
-        f.extend_from_slice(&seq.0.to_be_bytes());
-        f.extend_from_slice(&event_count.to_be_bytes());
-        f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        f.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
-        f.extend_from_slice(&(agent.len() as u16).to_be_bytes());
-        f.extend_from_slice(&0u16.to_be_bytes());
-        f.extend_from_slice(agent);
-        f.extend_from_slice(compressed);
-        let crc = crc32fast::hash(&f);
-        f.extend_from_slice(&crc.to_be_bytes());
-        f
+        let mut compressed = std::mem::take(&mut self.compressed);
+        compressed.clear();
+        self.compress_append(payload, &mut compressed);
+        let frame = frame_of_compressed(agent_id, seq, event_count, payload.len(), &compressed);
+        self.compressed = compressed;
+        frame
     }
+
+    /// Appends `raw` to `out` as one zstd frame, compressed in place after `out`'s bytes.
+    pub fn compress_append(&mut self, raw: &[u8], out: &mut Vec<u8>) {
+        let at = out.len() as u64;
+        out.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        let mut tail = std::io::Cursor::new(out);
+        tail.set_position(at);
+        self.compressor
+            .compress_to_buffer(raw, &mut tail)
+            .expect("zstd compression into memory");
+    }
+}
+
+/// The frame of a payload already compressed: `compressed` is one or more zstd frames whose
+/// outputs, concatenated, are `uncompressed_len` bytes holding `event_count` records.
+pub fn frame_of_compressed(
+    agent_id: &str,
+    seq: BatchSeq,
+    event_count: u32,
+    uncompressed_len: usize,
+    compressed: &[u8],
+) -> Vec<u8> {
+    let agent = agent_id.as_bytes();
+    let mut f = Vec::with_capacity(HEADER_LEN + agent.len() + compressed.len() + TRAILER_LEN);
+    f.extend_from_slice(MAGIC);
+    f.extend_from_slice(&VERSION.to_be_bytes());
+    f.extend_from_slice(&0u16.to_be_bytes());
+    f.extend_from_slice(&seq.0.to_be_bytes());
+    f.extend_from_slice(&event_count.to_be_bytes());
+    f.extend_from_slice(&(uncompressed_len as u32).to_be_bytes());
+    f.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
+    f.extend_from_slice(&(agent.len() as u16).to_be_bytes());
+    f.extend_from_slice(&0u16.to_be_bytes());
+    f.extend_from_slice(agent);
+    f.extend_from_slice(compressed);
+    let crc = crc32fast::hash(&f);
+    f.extend_from_slice(&crc.to_be_bytes());
+    f
 }
 
 /// Checks magic, version, lengths and checksum, and reads the header. No decompression.
@@ -306,13 +331,10 @@ pub fn read_header(frame: &[u8], limits: &DecodeLimits) -> Result<FrameHeader, W
     })
 }
 
-/// Decodes a whole frame under `limits`.
-pub fn decode_frame(frame: &[u8], limits: &DecodeLimits) -> Result<Batch, WireError> {
-    let header = read_header(frame, limits)?;
-    let start = HEADER_LEN + header.agent_id.len();
-    let compressed = &frame[start..start + header.compressed_len as usize];
-    let declared = header.uncompressed_len as usize;
-    // The output buffer is the declared size (already capped): zstd fails rather than grow it.
+/// Decompresses one or more zstd frames that must come to exactly `declared` bytes. The output
+/// buffer is the declared size (the caller caps it): zstd fails rather than grow it, so a
+/// zstd bomb cannot expand.
+pub fn decompress_payload(compressed: &[u8], declared: usize) -> Result<Vec<u8>, WireError> {
     let mut payload = Vec::with_capacity(declared);
     let mut dec = zstd::bulk::Decompressor::new().map_err(|e| WireError::Decompress(e.to_string()))?;
     let actual = dec
@@ -321,6 +343,15 @@ pub fn decode_frame(frame: &[u8], limits: &DecodeLimits) -> Result<Batch, WireEr
     if actual != declared {
         return Err(WireError::PayloadLengthMismatch { declared, actual });
     }
+    Ok(payload)
+}
+
+/// Decodes a whole frame under `limits`.
+pub fn decode_frame(frame: &[u8], limits: &DecodeLimits) -> Result<Batch, WireError> {
+    let header = read_header(frame, limits)?;
+    let start = HEADER_LEN + header.agent_id.len();
+    let compressed = &frame[start..start + header.compressed_len as usize];
+    let payload = decompress_payload(compressed, header.uncompressed_len as usize)?;
     let events = decode_payload(&payload, &header.agent_id, header.event_count)?;
     if events.len() as u32 != header.event_count {
         return Err(WireError::CountMismatch {
@@ -503,6 +534,39 @@ mod tests {
             let batch = decode_frame(&frame, &DecodeLimits::default()).unwrap();
             assert_eq!(batch.events, events);
         }
+    }
+
+    #[test]
+    fn a_payload_of_several_zstd_frames_decodes_as_their_concatenation() {
+        let events: Vec<Event> = (0..700).map(sample).collect();
+        let mut sealer = FrameSealer::new(3);
+        let (mut raw, mut compressed) = (Vec::new(), Vec::new());
+        // Frames of 1, 299 and 400 events, as chunks compressed one by one would give.
+        for part in [&events[..1], &events[1..300], &events[300..]] {
+            let mut chunk = Vec::new();
+            for e in part {
+                append_event(e, &mut chunk);
+            }
+            sealer.compress_append(&chunk, &mut compressed);
+            raw.extend_from_slice(&chunk);
+        }
+        let frame = frame_of_compressed("agent-a", BatchSeq(7), 700, raw.len(), &compressed);
+        let batch = decode_frame(&frame, &DecodeLimits::default()).unwrap();
+        assert_eq!((batch.header.seq, batch.events), (BatchSeq(7), events.clone()));
+        // The declared length still bounds the output of all frames together.
+        let short = frame_of_compressed("agent-a", BatchSeq(7), 700, raw.len() - 1, &compressed);
+        assert!(matches!(
+            decode_frame(&short, &DecodeLimits::default()),
+            Err(WireError::Decompress(_))
+        ));
+        let long = frame_of_compressed("agent-a", BatchSeq(7), 700, raw.len() + 1, &compressed);
+        assert_eq!(
+            decode_frame(&long, &DecodeLimits::default()).unwrap_err(),
+            WireError::PayloadLengthMismatch {
+                declared: raw.len() + 1,
+                actual: raw.len()
+            }
+        );
     }
 
     /// Not a test: the time to seal a 5,000-event frame with a context made afresh and with

@@ -159,6 +159,8 @@ fn agents_without_a_trusted_certificate_are_refused() {
 
 /// A raw license key (and machine id) posted to the agent appears in no file under either
 /// data dir, nor in the logs; its pseudonym finds the event.
+/// Twenty events make a chunk far under the agent's compression threshold (16 KiB), so the
+/// buffer holds them uncompressed and a raw key there would be found.
 #[test]
 fn raw_license_keys_never_reach_disk() {
     let sb = Sandbox::new("privacy");
