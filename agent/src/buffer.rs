@@ -228,6 +228,8 @@ pub struct DeadLetterInfo {
 pub struct Counts {
     pub pending_events: u64,
     pub pending_bytes: u64,
+    /// The pending records' size uncompressed (what a batch's byte limit counts).
+    pub pending_records_len: u64,
     pub sealed_events: u64,
     pub sealed_bytes: u64,
     pub sealed_batches: u64,
@@ -238,6 +240,16 @@ pub struct Counts {
 impl Counts {
     fn total_bytes(&self) -> u64 {
         self.pending_bytes + self.sealed_bytes + self.dead_bytes
+    }
+
+    /// Takes the pending chunk record `v` out of the counts (as far as it parses); returns
+    /// its events.
+    fn remove_chunk(&mut self, v: &[u8]) -> u64 {
+        let (events, len) = parse_chunk(v).map_or((0, 0), |c| (c.count as u64, c.records_len as u64));
+        self.pending_events = self.pending_events.saturating_sub(events);
+        self.pending_bytes = self.pending_bytes.saturating_sub(v.len() as u64);
+        self.pending_records_len = self.pending_records_len.saturating_sub(len);
+        events
     }
 }
 
@@ -787,6 +799,7 @@ impl Buffer {
                 Some(c) => {
                     counts.pending_events += c.count as u64;
                     counts.pending_bytes += v.len() as u64;
+                    counts.pending_records_len += c.records_len as u64;
                 }
                 None => bad.push((k, v)),
             }
@@ -1330,15 +1343,17 @@ impl Buffer {
                 continue;
             }
             let parts: Vec<&[u8]> = parts.iter().map(|u| u.0).collect();
-            chunks.push((compressor.record(count, arrived, &parts, len), count));
+            chunks.push((compressor.record(count, arrived, &parts, len), count, len));
         }
         let mut batch = sled::Batch::default();
         let mut added_events = 0u64;
         let mut added_bytes = 0u64;
+        let mut added_len = 0u64;
         {
             let mut st = self.state.lock().expect("buffer state");
-            for (r, count) in chunks {
+            for (r, count, len) in chunks {
                 added_bytes += r.len() as u64;
+                added_len += len as u64;
                 added_events += count as u64;
                 batch.insert(&key(P, st.next_chunk), r);
                 st.next_chunk += 1;
@@ -1351,6 +1366,7 @@ impl Buffer {
             let mut st = self.state.lock().expect("buffer state");
             st.counts.pending_events += added_events;
             st.counts.pending_bytes += added_bytes;
+            st.counts.pending_records_len += added_len;
         }
         match applied.and_then(|()| self.flush()) {
             Ok(()) => {
@@ -1476,13 +1492,9 @@ impl Buffer {
     fn drop_oldest_pending(&self) -> Result<bool, sled::Error> {
         if let Some(item) = self.db()?.scan_prefix([P]).next() {
             let (k, v) = item?;
-            let count = parse_chunk(&v).map_or(0, |c| c.count);
             self.db()?.remove(&k)?;
-            let mut st = self.state.lock().expect("buffer state");
-            st.counts.pending_events = st.counts.pending_events.saturating_sub(count as u64);
-            st.counts.pending_bytes = st.counts.pending_bytes.saturating_sub(v.len() as u64);
-            drop(st);
-            self.metrics.discarded.add(&["drop_oldest"], count as u64);
+            let count = self.state.lock().expect("buffer state").counts.remove_chunk(&v);
+            self.metrics.discarded.add(&["drop_oldest"], count);
             tracing::warn!(events = count, "buffer full: dropped the oldest unsealed events");
             self.publish_gauges();
             return Ok(true);
@@ -1497,7 +1509,9 @@ impl Buffer {
         if c.pending_events == 0 {
             return false;
         }
-        if c.pending_events >= self.limits.batch_max_events as u64 || c.pending_bytes >= self.limits.batch_max_bytes {
+        if c.pending_events >= self.limits.batch_max_events as u64
+            || c.pending_records_len >= self.limits.batch_max_bytes
+        {
             return true;
         }
         let Ok(db) = self.db() else { return false };
@@ -1641,11 +1655,8 @@ impl Buffer {
         }
         for (k, v) in corrupt {
             // Not in this batch; counted and moved aside.
-            let count = parse_chunk(&v).map_or(0, |c| c.count) as u64;
             self.quarantine(&k, &v)?;
-            let mut st = self.state.lock().expect("buffer state");
-            st.counts.pending_events = st.counts.pending_events.saturating_sub(count);
-            st.counts.pending_bytes = st.counts.pending_bytes.saturating_sub(v.len() as u64);
+            self.state.lock().expect("buffer state").counts.remove_chunk(&v);
         }
         if events == 0 {
             return Ok(None);
@@ -1681,6 +1692,7 @@ impl Buffer {
             st.next_seq = seq + 1;
             st.counts.pending_events = st.counts.pending_events.saturating_sub(removed_events);
             st.counts.pending_bytes = st.counts.pending_bytes.saturating_sub(removed_bytes) + rewritten_bytes;
+            st.counts.pending_records_len = st.counts.pending_records_len.saturating_sub(payload_len as u64);
             st.counts.sealed_events += events as u64;
             st.counts.sealed_bytes += sealed_len;
             st.counts.sealed_batches += 1;
@@ -2142,8 +2154,16 @@ mod tests {
         drop(b);
         let b = open();
         assert_eq!(b.counts().pending_events, 3_415);
+        let raw_len = records(0..3_415).0.len() as u64;
+        assert_eq!(
+            b.counts().pending_records_len,
+            raw_len,
+            "uncompressed, for the batch limit"
+        );
+        assert!(b.counts().pending_bytes < raw_len / 2, "compressed on disk");
         b.seal_one().unwrap().unwrap();
         assert!(chunk_versions(&b).is_empty());
+        assert_eq!((b.counts().pending_bytes, b.counts().pending_records_len), (0, 0));
         let sealed = b.next_sealed().unwrap().unwrap();
         for f in &frames {
             let passed_on = sealed.frame.windows(f.len()).any(|w| w == &f[..]);
@@ -2208,12 +2228,13 @@ mod tests {
             chunks.map(|v| v.unwrap().len() as u64).sum()
         };
         assert_eq!(b.counts().pending_bytes, on_disk);
+        assert_eq!(b.counts().pending_records_len, records(300..2_000).0.len() as u64);
         while b.seal_one().unwrap().is_some() {}
         let (sizes, ids) = ship_all(&b);
         assert_eq!(sizes, [300, 300, 300, 300, 300, 300, 200]);
         let want: Vec<String> = (0..2_000).map(|i| event(i).id).collect();
         assert_eq!(ids, want);
-        assert_eq!(b.counts().pending_bytes, 0);
+        assert_eq!((b.counts().pending_bytes, b.counts().pending_records_len), (0, 0));
         drop(b);
         std::fs::remove_dir_all(&dir).unwrap();
     }
