@@ -279,8 +279,9 @@ pub struct Buffer {
     layout: Mutex<()>,
     /// Sequences below this are sealed and flushed: safe to send.
     durable_seq: AtomicU64,
-    /// Sequence being sent right now (`u64::MAX` when none): `drop_oldest` leaves it alone.
-    in_flight: AtomicU64,
+    /// Sequences being sent right now (the shipper sends a few at once): `next_sealed` hands
+    /// out the oldest batch not among them, and `drop_oldest` leaves them alone.
+    in_flight: Mutex<std::collections::BTreeSet<u64>>,
     /// Set when the database had to be moved aside at start.
     pub recovered_from: Option<PathBuf>,
     metrics: Arc<AgentMetrics>,
@@ -769,7 +770,7 @@ impl Buffer {
             }),
             layout: Mutex::new(()),
             durable_seq: AtomicU64::new(next_seq),
-            in_flight: AtomicU64::new(u64::MAX),
+            in_flight: Mutex::default(),
             recovered_from,
             metrics,
             pending_grew: Notify::new(),
@@ -1463,10 +1464,9 @@ impl Buffer {
     }
 
     fn drop_oldest_sealed_locked(&self) -> Result<bool, sled::Error> {
-        let in_flight = self.in_flight.load(Ordering::Relaxed);
         for item in self.db()?.scan_prefix([S]) {
             let (k, v) = item?;
-            if key_num(&k) == in_flight {
+            if self.in_flight.lock().expect("in flight").contains(&key_num(&k)) {
                 continue;
             }
             let count = parse_sealed_meta(&v).map_or(0, |m| m.count);
@@ -1716,10 +1716,18 @@ impl Buffer {
         // batch between the two (its events would count as both dropped and delivered).
         let _layout = self.layout.lock().expect("buffer layout");
         loop {
-            let Some(item) = self.db()?.scan_prefix([S]).next() else {
+            // The oldest batch not being sent already (those are few: the scan skips them).
+            let mut next = None;
+            for item in self.db()?.scan_prefix([S]) {
+                let (k, v) = item?;
+                if !self.in_flight.lock().expect("in flight").contains(&key_num(&k)) {
+                    next = Some((k, v));
+                    break;
+                }
+            }
+            let Some((k, v)) = next else {
                 return Ok(None);
             };
-            let (k, v) = item?;
             let seq = key_num(&k);
             if seq >= limit {
                 return Ok(None);
@@ -1727,7 +1735,7 @@ impl Buffer {
             let file = parse_sealed_meta(&v).and_then(|_| std::fs::read(self.sealed_path(seq)).ok());
             match file.as_deref().and_then(parse_sealed) {
                 Some(sealed) => {
-                    self.in_flight.store(seq, Ordering::Relaxed);
+                    self.in_flight.lock().expect("in flight").insert(seq);
                     return Ok(Some(SealedBatch {
                         seq: BatchSeq(seq),
                         events: sealed.count,
@@ -1762,7 +1770,7 @@ impl Buffer {
 
     fn ack_inner(&self, batch: &SealedBatch) -> Result<(), BufferError> {
         let _layout = self.layout.lock().expect("buffer layout");
-        self.in_flight.store(u64::MAX, Ordering::Relaxed);
+        self.release(batch.seq);
         if let Some(v) = self.db()?.remove(key(S, batch.seq.0))? {
             self.forget_sealed(batch.events as u64, &v);
             self.flush()?;
@@ -1780,7 +1788,7 @@ impl Buffer {
 
     fn dead_letter_inner(&self, batch: &SealedBatch, reason: &str) -> Result<(), BufferError> {
         let _layout = self.layout.lock().expect("buffer layout");
-        self.in_flight.store(u64::MAX, Ordering::Relaxed);
+        self.release(batch.seq);
         let k = key(S, batch.seq.0);
         let Some(v) = self.db()?.get(k)? else {
             return Ok(());
@@ -1823,9 +1831,9 @@ impl Buffer {
         Ok(())
     }
 
-    /// The batch was not sent (retryable failure): it stays first in line.
-    pub fn release(&self) {
-        self.in_flight.store(u64::MAX, Ordering::Relaxed);
+    /// The batch was not sent (retryable failure): it is the oldest again for `next_sealed`.
+    pub fn release(&self, seq: BatchSeq) {
+        self.in_flight.lock().expect("in flight").remove(&seq.0);
     }
 
     /// The most recent dead letters, newest first.
@@ -2327,7 +2335,7 @@ mod tests {
             app.append(recs, n).await.unwrap();
             b.seal_one().unwrap();
             let s = b.next_sealed().unwrap().unwrap();
-            b.release();
+            b.release(s.seq);
             shut(b, app);
             (s.frame, s.seq)
         };
@@ -2379,6 +2387,39 @@ mod tests {
             ids.contains(&"e00499".to_string()) && !ids.contains(&"e00000".to_string()),
             "oldest went first"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn batches_in_flight_are_handed_out_once_and_kept_from_drop_oldest() {
+        let dir = tmp("inflight");
+        let b = Buffer::open(
+            &dir,
+            Some("a"),
+            limits(64 << 20, WhenFull::DropOldest, 10),
+            Arc::default(),
+        )
+        .unwrap();
+        let mut next = 0;
+        for _ in 0..3 {
+            commit(&b, &mut ChunkCompressor::new(1), &mut next, &[10]);
+            b.seal_one().unwrap().unwrap();
+        }
+        // Two lanes take the two oldest; a retryable failure puts the first back in line.
+        let first = b.next_sealed().unwrap().unwrap();
+        let second = b.next_sealed().unwrap().unwrap();
+        assert!(first.seq < second.seq);
+        b.release(first.seq);
+        let again = b.next_sealed().unwrap().unwrap();
+        assert_eq!((again.seq, &again.frame), (first.seq, &first.frame));
+        // Both are being sent: the oldest that may be dropped is the third.
+        assert!(b.drop_oldest_sealed().unwrap());
+        assert!(!b.drop_oldest_sealed().unwrap(), "only batches in flight are left");
+        assert!(b.next_sealed().unwrap().is_none());
+        b.ack(&second).unwrap();
+        b.ack(&again).unwrap();
+        assert_eq!((b.counts().sealed_batches, b.counts().sealed_events), (0, 0));
+        drop(b);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
