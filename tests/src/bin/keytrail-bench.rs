@@ -648,6 +648,28 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Bytes per event of the frames in the agent's sealed batch files, which are what it sends:
+/// each file is a 25-byte header (`1 ‖ crc32 ‖ count u32 ‖ sealed i64 ‖ first_arrived i64`,
+/// agent/src/buffer.rs) and the frame. Returns the number of files too.
+fn sealed_wire_bytes(dir: &Path) -> (u64, f64) {
+    let (mut files, mut frame_bytes, mut events) = (0u64, 0u64, 0u64);
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("batch") {
+            continue;
+        }
+        let mut head = [0u8; 9];
+        let read = std::fs::File::open(&path).and_then(|mut f| f.read_exact(&mut head));
+        let len = entry.metadata().map_or(0, |m| m.len());
+        if read.is_ok() && len > 25 {
+            files += 1;
+            frame_bytes += len - 25;
+            events += u32::from_be_bytes(head[5..9].try_into().expect("4 bytes")) as u64;
+        }
+    }
+    (files, frame_bytes as f64 / events.max(1) as f64)
+}
+
 fn footprint(o: &Opts) -> (Value, String) {
     let sb = Sandbox::new("bench-footprint");
     // No collector: everything stays in the buffer.
@@ -673,6 +695,7 @@ fn footprint(o: &Opts) -> (Value, String) {
     let st = status(&agent);
     let record_bytes = st["buffered_bytes"].as_u64().unwrap_or(0);
     let disk = dir_bytes(&agent.data_dir);
+    let (sealed_batches, sealed_wire) = sealed_wire_bytes(&agent.data_dir.join("sealed"));
     // Restarted on the backlog.
     let mut agent = agent;
     agent.restart();
@@ -696,7 +719,8 @@ fn footprint(o: &Opts) -> (Value, String) {
          | agent RSS restarted on that backlog | {restarted:.1} MiB |\n\
          | buffer records per event | {:.1} B |\n\
          | buffer directory on disk per event (sled files + sealed batches) | {:.1} B |\n\
-         | wire bytes per event (batches of 5,000, zstd 3) | {wire:.1} B |\n\
+         | wire bytes per event, the frames the agent sealed ({sealed_batches} batches) | {sealed_wire:.1} B |\n\
+         | wire bytes per event, one 5,000-event frame of the same traffic (zstd 3) | {wire:.1} B |\n\
          | binaries (release, with debug info stripped or not as built) | agent {:.1} MB, collector {:.1} MB |\n",
         buffered as f64 / 1e6,
         record_bytes as f64 / buffered.max(1) as f64,
@@ -708,6 +732,7 @@ fn footprint(o: &Opts) -> (Value, String) {
         json!({"idle_rss_mib": idle, "load_peak_rss_mib": under_load, "backlog_rss_mib": backlog_rest, "restarted_rss_mib": restarted,
                "buffered_events": buffered, "record_bytes_per_event": record_bytes as f64 / buffered.max(1) as f64,
                "disk_bytes_per_event": disk as f64 / buffered.max(1) as f64, "wire_bytes_per_event": wire,
+               "sealed_wire_bytes_per_event": sealed_wire, "sealed_batches": sealed_batches,
                "binary_bytes": {"agent": agent_bin, "collector": collector_bin}}),
         md,
     )
