@@ -57,10 +57,14 @@
 //!   arrived while the previous one ran (leader-style group commit: no fixed N or T window,
 //!   the batch is whatever queued up during one flush).
 //! * **Backpressure.** sled keeps the pages of large values in memory, so unsealed chunks cost
-//!   RAM until sealed. When more than `PENDING_HIGH_WATER` (4 MiB) of records are unsealed
-//!   and a sealer runs, the writer waits for it (at most `PENDING_WAIT`, 2 s, per group)
-//!   before taking more appends: ingest that outruns sealing gets slower acknowledgements,
-//!   not a growing heap.
+//!   RAM until sealed. When more than `PENDING_HIGH_WATER` (4 MiB) of chunk records, as
+//!   stored (compressed or not), are unsealed and a sealer runs, the writer waits for it (at
+//!   most `PENDING_WAIT`, 2 s, per group) before taking more appends: ingest that outruns
+//!   sealing gets slower acknowledgements, not a growing heap. The disk cap (`max_bytes`)
+//!   counts stored bytes too; an append is charged its uncompressed size when it asks for
+//!   room, which errs on the safe side.
+//! * **Versions.** Compressed chunks (version 2) came with 8b7d672; an agent from before it
+//!   would quarantine them as damaged, so drain the buffer before going back to one.
 //! * **Seal once.** Sealing takes the oldest pending chunks whole, while they fit the batch
 //!   limits (a chunk that does not fit starts the next batch; only one larger than a batch,
 //!   written under larger limits before a restart, is split and its rest rewritten: sled
@@ -147,8 +151,10 @@ const COMPRESS_MIN_BYTES: usize = 16 << 10;
 /// them.
 const CHUNK_RAW: u8 = RECORD_VERSION;
 const CHUNK_ZSTD: u8 = 2;
-/// The largest uncompressed size a compressed chunk may declare; checked before decompressing.
-const MAX_CHUNK_RECORDS_LEN: usize = 1 << 30;
+/// The largest uncompressed size a compressed chunk may declare, checked before decompressing:
+/// the largest request body (`ingest.max_body_bytes` is at most 256 MiB), whose records are
+/// smaller than its JSON.
+const MAX_CHUNK_RECORDS_LEN: usize = 256 << 20;
 
 /// Events and bytes of one pending chunk: at most a quarter of a batch, so the sealer packs
 /// whole chunks into batches at least three quarters full (usually full) and never has to
@@ -1590,7 +1596,9 @@ impl Buffer {
             }
             first_arrived = first_arrived.min(chunk.arrived);
             if let (ChunkBody::Zstd(frame), true) = (&chunk.body, fits_whole) {
-                // Its frame goes into the payload as it is.
+                // Its frame goes into the payload as it is, not decoded: its checksum held,
+                // and the writer made it from records ingest built. (Were it inconsistent, the
+                // collector would refuse the batch and it would be dead-lettered whole.)
                 if !raw.is_empty() {
                     sealer.compress_append(raw, compressed);
                     raw.clear();
@@ -1829,6 +1837,11 @@ impl Buffer {
         drop(_layout);
         self.publish_gauges();
         Ok(())
+    }
+
+    /// How many batches are being sent.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.lock().expect("in flight").len()
     }
 
     /// The batch was not sent (retryable failure): it is the oldest again for `next_sealed`.

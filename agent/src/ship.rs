@@ -7,9 +7,9 @@
 //! and the shipping half of readiness. Does not own: what is on disk (buffer decides what the
 //! next batch is, and what ack / dead-letter do to it).
 //!
-//! One batch is in flight at a time, oldest first, so the collector sees an agent's batches in
-//! sequence order. Retries never give up: a batch leaves the buffer only by a 200 or by a
-//! permanent reject (400/413 → dead-letter store).
+//! Two batches are in flight at a time ([`SHIP_LANES`]), taken oldest first, so the collector
+//! may store an agent's batches out of sequence order. Retries never give up: a batch leaves
+//! the buffer only by a 200 or by a permanent reject (400/413 → dead-letter store).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -544,7 +544,12 @@ pub async fn run_shipper(
         ));
     }
     ship_lane(true, shipping, client, shutdown).await;
-    while lanes.join_next().await.is_some() {}
+    while let Some(ended) = lanes.join_next().await {
+        if let Err(e) = ended {
+            // A batch it held stays marked in flight until the agent restarts.
+            tracing::error!(error = %e, "a shipping lane failed");
+        }
+    }
 }
 
 /// What every lane works with.
@@ -564,32 +569,48 @@ struct Lanes(Mutex<LanesInner>);
 
 #[derive(Default)]
 struct LanesInner {
-    /// Failures in a row, on any lane.
+    /// Failure rounds in a row (failures of requests sent at the same time count once).
     attempt: u32,
+    /// Failures so far, on any lane: a request remembers it when it starts, so an answer
+    /// knows whether another lane failed meanwhile.
+    failures: u64,
     /// No lane sends before this.
     paused_until: Option<Instant>,
     last_contact: Option<Instant>,
 }
 
 impl Lanes {
-    fn ok(&self) {
-        let mut l = self.0.lock().expect("ship lanes");
-        l.attempt = 0;
-        l.paused_until = None;
-        l.last_contact = Some(Instant::now());
+    /// To take before a request: what [`Lanes::ok`] and [`Lanes::failed`] compare with.
+    fn epoch(&self) -> u64 {
+        self.0.lock().expect("ship lanes").failures
     }
 
-    /// Counts a failure and pauses every lane; returns how long.
-    fn failed(&self, backoff_max: Duration, retry_after: Option<Duration>) -> Duration {
+    /// A request started at `epoch` succeeded. It ends the backoff only when no request
+    /// failed meanwhile: an older success must not lift a newer pause.
+    fn ok(&self, epoch: u64) {
         let mut l = self.0.lock().expect("ship lanes");
-        let wait = backoff(l.attempt, backoff_max, retry_after);
-        l.attempt = l.attempt.saturating_add(1);
+        l.last_contact = Some(Instant::now());
+        if l.failures == epoch {
+            l.attempt = 0;
+            l.paused_until = None;
+        }
+    }
+
+    /// A request started at `epoch` failed: pauses every lane and returns for how long. The
+    /// backoff grows once per round, not once per lane that failed in it.
+    fn failed(&self, epoch: u64, backoff_max: Duration, retry_after: Option<Duration>) -> Duration {
+        let mut l = self.0.lock().expect("ship lanes");
+        if l.failures == epoch {
+            l.attempt = l.attempt.saturating_add(1);
+        }
+        l.failures += 1;
+        let wait = backoff(l.attempt.saturating_sub(1), backoff_max, retry_after);
         let until = Instant::now() + wait;
         l.paused_until = Some(l.paused_until.map_or(until, |u| u.max(until)));
         wait
     }
 
-    /// The answer the collector gave was an answer: contact, though not success.
+    /// The collector answered, though not with success.
     fn contact(&self) {
         self.0.lock().expect("ship lanes").last_contact = Some(Instant::now());
     }
@@ -640,17 +661,19 @@ async fn ship_lane(
             Err(_) => continue,
         };
         let Some(batch) = next else {
-            // Idle: keep readiness honest by checking the collector now and then.
-            if pings && lanes.check_due(IDLE_PING) {
+            // Idle: keep readiness honest by checking the collector now and then. Only when
+            // nothing is being sent, so a ping's answer never speaks over a batch's.
+            if pings && buffer.in_flight() == 0 && lanes.check_due(IDLE_PING) {
                 lanes.wait_pause().await;
+                let epoch = lanes.epoch();
                 match client.ping().await {
                     Ok(()) => {
                         health.ok();
-                        lanes.ok();
+                        lanes.ok(epoch);
                     }
                     Err(e) => {
                         note_failure(health, metrics, &e, "ping");
-                        let wait = lanes.failed(cfg.backoff_max, e.retry_after());
+                        let wait = lanes.failed(epoch, cfg.backoff_max, e.retry_after());
                         wait_or_data(buffer, wait).await;
                         continue;
                     }
@@ -660,10 +683,11 @@ async fn ship_lane(
             continue;
         };
         lanes.wait_pause().await;
+        let epoch = lanes.epoch();
         match client.send_batch(Bytes::from(batch.frame.clone())).await {
             Ok(()) => {
                 health.ok();
-                lanes.ok();
+                lanes.ok(epoch);
                 metrics.sent.add(batch.events as u64);
                 metrics.ship_batches.add(&["ok"], 1);
                 finish(buffer, batch, None).await;
@@ -682,7 +706,7 @@ async fn ship_lane(
                 buffer.release(batch.seq);
                 note_failure(health, metrics, &e, "send");
                 metrics.ship_batches.add(&["retry"], 1);
-                let wait = lanes.failed(cfg.backoff_max, e.retry_after());
+                let wait = lanes.failed(epoch, cfg.backoff_max, e.retry_after());
                 tokio::time::sleep(wait).await;
             }
         }
@@ -736,22 +760,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_failure_on_one_lane_pauses_all_and_a_success_resumes_them() {
+    fn a_failure_on_one_lane_pauses_all_and_only_a_later_success_resumes_them() {
         let lanes = Lanes::default();
         assert!(lanes.check_due(IDLE_PING), "never in contact");
-        lanes.ok();
+        lanes.ok(lanes.epoch());
         assert!(!lanes.check_due(IDLE_PING));
         assert!(lanes.0.lock().unwrap().paused_until.is_none());
-        // A Retry-After from one lane holds every lane; a shorter wait from another does not
-        // cut it short.
-        let long = lanes.failed(Duration::from_secs(60), Some(Duration::from_secs(30)));
+        // Two requests in flight; both fail: one round of backoff, not two.
+        let (a, b) = (lanes.epoch(), lanes.epoch());
+        let long = lanes.failed(a, Duration::from_secs(60), Some(Duration::from_secs(30)));
         assert!(long >= Duration::from_secs(30));
         let until = lanes.0.lock().unwrap().paused_until.unwrap();
-        lanes.failed(Duration::from_secs(60), None);
+        lanes.failed(b, Duration::from_secs(60), None);
+        // A shorter wait from the other lane does not cut the Retry-After short.
         assert_eq!(lanes.0.lock().unwrap().paused_until, Some(until));
-        assert_eq!(lanes.0.lock().unwrap().attempt, 2);
+        assert_eq!(lanes.0.lock().unwrap().attempt, 1);
         assert!(lanes.check_due(IDLE_PING), "failing: check");
-        lanes.ok();
+        // A success of a request sent before the failures does not lift the pause ...
+        lanes.ok(a);
+        assert_eq!(lanes.0.lock().unwrap().paused_until, Some(until));
+        assert_eq!(lanes.0.lock().unwrap().attempt, 1);
+        // ... the next failure is a new round ...
+        lanes.failed(lanes.epoch(), Duration::from_secs(60), None);
+        assert_eq!(lanes.0.lock().unwrap().attempt, 2);
+        // ... and a success sent after them does.
+        lanes.ok(lanes.epoch());
         let l = lanes.0.lock().unwrap();
         assert_eq!((l.attempt, l.paused_until), (0, None));
     }
