@@ -33,7 +33,7 @@
 //! crash between the two steps) are cut off; a damaged block *before* it is committed data and
 //! the store refuses to open, naming the file and offset.
 
-use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fs::File;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::os::unix::fs::FileExt;
@@ -45,6 +45,8 @@ use bincode::{Decode, Encode};
 use keytrail_common::event::{Deployment, Event, EventType, ResultCode, Usage};
 use keytrail_common::time::UnixNanos;
 use siphasher::sip128::{Hasher128, SipHasher13};
+
+use super::license_keys::LicenseKeys;
 
 const BLOCK_VERSION: u8 = 1;
 const HEADER: usize = 57;
@@ -298,7 +300,7 @@ struct Tables {
     /// Every block on disk, by first sequence.
     blocks: Vec<BlockMeta>,
     /// Per license, `(time, store sequence)` of its events not purged by retention.
-    by_license: HashMap<Arc<str>, BTreeSet<(i64, u64)>>,
+    by_license: HashMap<Arc<str>, LicenseKeys>,
     /// Hashes of the ids of the blocks from `ids_from` on (those inside the dedup window).
     ids: IdSet,
     ids_from: usize,
@@ -741,7 +743,7 @@ impl EventLog {
         let mut t = self.tables.write().expect("tables");
         for (meta, index) in a.metas.iter().zip(a.indexes) {
             // One license lookup per license and block, not per event.
-            let mut sets: Vec<BTreeSet<(i64, u64)>> = index
+            let mut sets: Vec<LicenseKeys> = index
                 .licenses
                 .iter()
                 .map(|l| t.by_license.remove(l).unwrap_or_default())
@@ -859,7 +861,7 @@ impl EventLog {
         loop {
             let chunk: Vec<(i64, u64)> = {
                 let t = self.tables.read().expect("tables");
-                t.by_license.get(license)?.range(from..).take(take).copied().collect()
+                t.by_license.get(license)?.range_from(from).take(take).collect()
             };
             let &(time, seq) = chunk.last()?;
             for &(_, s) in &chunk {
@@ -898,7 +900,7 @@ impl EventLog {
                     let t = self.tables.read().expect("tables");
                     match t.by_license.get(l) {
                         None => return out,
-                        Some(set) => set.range((lo, 0)..upper).rev().take(limit).copied().collect(),
+                        Some(set) => set.range_rev((lo, 0), upper).take(limit).collect(),
                     }
                 };
                 let Some(&last) = keys.last() else { return out };
@@ -997,9 +999,7 @@ impl EventLog {
             let mut t = self.tables.write().expect("tables");
             let mut empty = Vec::new();
             for (l, set) in t.by_license.iter_mut() {
-                let keep = set.split_off(&(raw_cutoff, 0));
-                p.raw_events += set.len() as u64;
-                *set = keep;
+                p.raw_events += set.remove_below((raw_cutoff, 0)) as u64;
                 if set.is_empty() {
                     empty.push(Arc::clone(l));
                 }

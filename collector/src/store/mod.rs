@@ -192,6 +192,7 @@ pub struct EventPage {
 /// through [`Store`].
 #[doc(hidden)]
 pub mod events;
+mod license_keys;
 
 pub use events::Purged;
 use events::{EventLog, IdHasher};
