@@ -34,6 +34,7 @@
 //! `crate::store` for the files and the crash rules.
 
 pub mod output;
+mod parallel;
 mod query;
 mod timeline;
 
@@ -44,6 +45,7 @@ use keytrail_common::event::{Event, EventType, ResultCode};
 use keytrail_common::time::{UnixNanos, NANOS_PER_DAY};
 
 pub use output::{Answer, Row};
+pub use parallel::Parallel;
 pub use query::{civil_from_days, days_from_civil, Dim, Metric, MetricQuery, QueryError};
 pub use timeline::{Inserted, Timeline};
 
@@ -311,6 +313,8 @@ pub struct Analytics {
     applied_through: u64,
     /// Late events whose successor was no longer stored (see [`Inserted::NextUnknown`]).
     inexact: u64,
+    /// How a query spreads over threads (not in snapshots).
+    parallel: Parallel,
 }
 
 impl Analytics {
@@ -319,6 +323,11 @@ impl Analytics {
             catalog,
             ..Analytics::default()
         }
+    }
+
+    /// How queries spread over threads (default: one per core).
+    pub fn set_parallel(&mut self, p: Parallel) {
+        self.parallel = p;
     }
 
     pub fn catalog(&self) -> &BTreeMap<String, Plan> {

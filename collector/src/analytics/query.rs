@@ -311,8 +311,9 @@ impl Analytics {
         l.first_event <= t && !matches!(self.status_at(l, t), Some(Status::Revoked | Status::Expired))
     }
 
-    /// Used and limit of resource `r` (0 seats, 1 domains, 2 machines) as of `at`.
-    pub fn resource(&self, l: &License, r: usize, at: i64) -> ResourceUse {
+    /// Used and limit of resource `r` (0 seats, 1 domains, 2 machines) of license `id` as of `at`.
+    pub fn resource(&self, id: u32, r: usize, at: i64) -> ResourceUse {
+        let l = &self.licenses[id as usize];
         let reported = l.usage[2 * r + 1].at(at).copied();
         let limit = reported.or_else(|| {
             let plan = l.dims[Dim::Plan as usize].at(at)?;
@@ -321,10 +322,7 @@ impl Analytics {
         });
         let used = match l.usage[2 * r].at(at) {
             Some(u) => *u,
-            None => {
-                let summary = self.name_ids.get(&l.name).map(|&id| self.active_now[id as usize][r]);
-                super::active_at(&l.activations[r], summary, at)
-            }
+            None => super::active_at(&l.activations[r], Some(self.active_now[id as usize][r]), at),
         };
         ResourceUse {
             used,
@@ -334,12 +332,13 @@ impl Analytics {
     }
 
     /// The largest used/limit over resources with a known limit > 0.
-    pub fn utilization(&self, l: &License, at: i64) -> Option<f64> {
+    pub fn utilization(&self, id: u32, at: i64) -> Option<f64> {
+        let l = &self.licenses[id as usize];
         (0..3)
             .filter_map(|r| {
                 // The limit first: without one, the (costlier) use is not needed.
                 self.limit_of(l, r, at).filter(|&x| x > 0)?;
-                let u = self.resource(l, r, at);
+                let u = self.resource(id, r, at);
                 u.limit.filter(|&x| x > 0).map(|lim| u.used as f64 / lim as f64)
             })
             .reduce(f64::max)
@@ -417,7 +416,7 @@ impl Analytics {
             score -= 30;
             reasons.push("inactive_30d");
         }
-        let d = self.resource(l, 1, at);
+        let d = self.resource(id, 1, at);
         if let Some(limit) = d.limit.filter(|&x| x > 0) {
             if (d.used as f64 / limit as f64) < 0.2 {
                 score -= 15;
@@ -445,9 +444,8 @@ impl Analytics {
     }
 
     fn signals(&self, id: u32, at: i64) -> Vec<&'static str> {
-        let l = &self.licenses[id as usize];
         let from = at - 30 * DAY;
-        let util = self.utilization(l, at);
+        let util = self.utilization(id, at);
         let mut t = Vec::new();
         if util.is_some_and(|u| u >= 0.8) {
             t.push("limit_approaching");
@@ -473,6 +471,24 @@ impl Analytics {
     /// Licenses in name order.
     fn in_order(&self) -> impl Iterator<Item = (u32, &License)> {
         self.by_name.values().map(|&id| (id, &self.licenses[id as usize]))
+    }
+
+    /// `f` of every live license as of `at` that it answers for, in name order, spread over
+    /// threads (see [`Parallel`]).
+    fn per_live_license<'a, T: Send>(&'a self, at: i64, f: impl Fn(u32, &'a License) -> Option<T> + Sync) -> Vec<T> {
+        let order: Vec<u32> = self.by_name.values().copied().collect();
+        self.parallel
+            .map_blocks(order.len(), |r| {
+                order[r]
+                    .iter()
+                    .map(|&id| (id, &self.licenses[id as usize]))
+                    .filter(|(_, l)| self.live(l, at))
+                    .filter_map(|(id, l)| f(id, l))
+                    .collect::<Vec<T>>()
+            })
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Answers a metric. Parameters are already validated by the caller.
@@ -614,22 +630,45 @@ impl Analytics {
         let groups = self.groups(q.by, end);
         let ng = groups.names.len();
         let days = (q.to_day - q.from_day + 1) as usize;
-        let mut results = vec![[0u64; 12]; days * ng];
-        let mut active = vec![0u64; days * ng];
-        let mut marked = vec![u32::MAX; days * ng];
-        for id in 0..self.licenses.len() as u32 {
-            for (&(day, variant), cell) in self.cells_between(id, q.from_day, q.to_day) {
-                if cell.results.iter().all(|n| *n == 0) {
-                    continue;
+        // Per thread: results and active licenses per (day, group) slot, and the license that
+        // last counted in each slot (a license is wholly in one thread's blocks).
+        let parts = self.parallel.fold(
+            self.licenses.len(),
+            || {
+                (
+                    vec![[0u64; 12]; days * ng],
+                    vec![0u64; days * ng],
+                    vec![u32::MAX; days * ng],
+                )
+            },
+            |(results, active, marked), ids| {
+                for id in ids.start as u32..ids.end as u32 {
+                    for (&(day, variant), cell) in self.cells_between(id, q.from_day, q.to_day) {
+                        if cell.results.iter().all(|n| *n == 0) {
+                            continue;
+                        }
+                        let slot = (day - q.from_day) as usize * ng + groups.of(id, variant) as usize;
+                        for (x, y) in results[slot].iter_mut().zip(cell.results) {
+                            *x += y as u64;
+                        }
+                        if cell.results[VALID] > 0 && marked[slot] != id {
+                            marked[slot] = id;
+                            active[slot] += 1;
+                        }
+                    }
                 }
-                let slot = (day - q.from_day) as usize * ng + groups.of(id, variant) as usize;
-                for (x, y) in results[slot].iter_mut().zip(cell.results) {
-                    *x += y as u64;
+            },
+        );
+        let mut parts = parts.into_iter();
+        let (mut results, mut active, _) = parts.next().expect("fold gives one part at least");
+        for (r, a, _) in parts {
+            for (x, y) in results.iter_mut().zip(r) {
+                for (x, y) in x.iter_mut().zip(y) {
+                    *x += y;
                 }
-                if cell.results[VALID] > 0 && marked[slot] != id {
-                    marked[slot] = id;
-                    active[slot] += 1;
-                }
+            }
+            for (x, y) in active.iter_mut().zip(a) {
+                *x += y;
             }
         }
         let mut rows = Vec::new();
@@ -678,21 +717,35 @@ impl Analytics {
         let groups = self.groups(q.by, end);
         let countries = self.groups(Some(Dim::Country), end);
         let (ng, nc) = (groups.names.len(), countries.names.len());
-        let mut acc = vec![[0u64; 3]; nc * ng];
-        let mut marked = vec![u32::MAX; nc * ng];
-        for id in 0..self.licenses.len() as u32 {
-            for (&(_, variant), cell) in self.cells_between(id, q.from_day, q.to_day) {
-                let validations: u32 = cell.results.iter().sum();
-                if validations == 0 {
-                    continue;
+        // Per thread, as in `day_series`.
+        let parts = self.parallel.fold(
+            self.licenses.len(),
+            || (vec![[0u64; 3]; nc * ng], vec![u32::MAX; nc * ng]),
+            |(acc, marked), ids| {
+                for id in ids.start as u32..ids.end as u32 {
+                    for (&(_, variant), cell) in self.cells_between(id, q.from_day, q.to_day) {
+                        let validations: u32 = cell.results.iter().sum();
+                        if validations == 0 {
+                            continue;
+                        }
+                        let slot = countries.of(id, variant) as usize * ng + groups.of(id, variant) as usize;
+                        let a = &mut acc[slot];
+                        a[0] += validations as u64;
+                        a[1] += (validations - cell.results[VALID]) as u64;
+                        if cell.results[VALID] > 0 && marked[slot] != id {
+                            marked[slot] = id;
+                            a[2] += 1;
+                        }
+                    }
                 }
-                let slot = countries.of(id, variant) as usize * ng + groups.of(id, variant) as usize;
-                let a = &mut acc[slot];
-                a[0] += validations as u64;
-                a[1] += (validations - cell.results[VALID]) as u64;
-                if cell.results[VALID] > 0 && marked[slot] != id {
-                    marked[slot] = id;
-                    a[2] += 1;
+            },
+        );
+        let mut parts = parts.into_iter();
+        let (mut acc, _) = parts.next().expect("fold gives one part at least");
+        for (other, _) in parts {
+            for (x, y) in acc.iter_mut().zip(other) {
+                for (x, y) in x.iter_mut().zip(y) {
+                    *x += y;
                 }
             }
         }
@@ -721,25 +774,45 @@ impl Analytics {
     fn feature_usage(&self, q: &MetricQuery, end: i64) -> Vec<Row> {
         let groups = self.groups(q.by, end);
         let ng = groups.names.len();
-        let mut features = Interner::default();
-        // Per feature id: per group [checks, granted, denied, licenses], and the license that
-        // last counted in the slot.
-        let mut acc: Vec<Vec<([u64; 4], u32)>> = Vec::new();
-        for id in 0..self.licenses.len() as u32 {
-            for (&(_, variant), cell) in self.cells_between(id, q.from_day, q.to_day) {
-                let g = groups.of(id, variant) as usize;
-                for (f, c) in &cell.features {
-                    let fid = features.id(f) as usize;
-                    if fid == acc.len() {
-                        acc.push(vec![([0; 4], u32::MAX); ng]);
+        // Per thread: features interned, and per feature id: per group [checks, granted,
+        // denied, licenses], and the license that last counted in the slot.
+        let parts = self.parallel.fold(
+            self.licenses.len(),
+            || (Interner::default(), Vec::<Vec<([u64; 4], u32)>>::new()),
+            |(features, acc), ids| {
+                for id in ids.start as u32..ids.end as u32 {
+                    for (&(_, variant), cell) in self.cells_between(id, q.from_day, q.to_day) {
+                        let g = groups.of(id, variant) as usize;
+                        for (f, c) in &cell.features {
+                            let fid = features.id(f) as usize;
+                            if fid == acc.len() {
+                                acc.push(vec![([0; 4], u32::MAX); ng]);
+                            }
+                            let (a, last) = &mut acc[fid][g];
+                            for i in 0..3 {
+                                a[i] += c[i] as u64;
+                            }
+                            if *last != id {
+                                *last = id;
+                                a[3] += 1;
+                            }
+                        }
                     }
-                    let (a, last) = &mut acc[fid][g];
-                    for i in 0..3 {
-                        a[i] += c[i] as u64;
-                    }
-                    if *last != id {
-                        *last = id;
-                        a[3] += 1;
+                }
+            },
+        );
+        let mut parts = parts.into_iter();
+        let (mut features, mut acc) = parts.next().expect("fold gives one part at least");
+        for (names, other) in parts {
+            for (name, per_group) in names.names.into_iter().zip(other) {
+                let fid = features.id(name) as usize;
+                if fid == acc.len() {
+                    acc.push(per_group);
+                    continue;
+                }
+                for ((a, _), (b, _)) in acc[fid].iter_mut().zip(per_group) {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x += y;
                     }
                 }
             }
@@ -769,26 +842,39 @@ impl Analytics {
     }
 
     fn active_users(&self, q: &MetricQuery, end: i64) -> Vec<Row> {
-        let mut groups: BTreeMap<&str, [u64; 2]> = BTreeMap::new();
-        // Per user id: the license that last counted it (distinct users per license without
-        // sorting).
-        let mut counted_for = vec![u32::MAX; self.user_count()];
-        for (id, l) in self.licenses.iter().enumerate() {
-            let mut users = 0u64;
-            for (_, c) in self.cells_between(id as u32, q.from_day, q.to_day) {
-                for &u in &c.users {
-                    if counted_for[u as usize] != id as u32 {
-                        counted_for[u as usize] = id as u32;
-                        users += 1;
+        // Per thread: the groups, and per user id the license that last counted it (distinct
+        // users per license without sorting).
+        let parts = self.parallel.fold(
+            self.licenses.len(),
+            || (BTreeMap::<&str, [u64; 2]>::new(), vec![u32::MAX; self.user_count()]),
+            |(groups, counted_for), ids| {
+                for id in ids.start as u32..ids.end as u32 {
+                    let mut users = 0u64;
+                    for (_, c) in self.cells_between(id, q.from_day, q.to_day) {
+                        for &u in &c.users {
+                            if counted_for[u as usize] != id {
+                                counted_for[u as usize] = id;
+                                users += 1;
+                            }
+                        }
                     }
+                    if users == 0 {
+                        continue;
+                    }
+                    let l = &self.licenses[id as usize];
+                    let a = groups.entry(self.license_group(l, q.by, end)).or_default();
+                    a[0] += 1;
+                    a[1] += users;
                 }
+            },
+        );
+        let mut groups: BTreeMap<&str, [u64; 2]> = BTreeMap::new();
+        for (part, _) in parts {
+            for (g, b) in part {
+                let a = groups.entry(g).or_default();
+                a[0] += b[0];
+                a[1] += b[1];
             }
-            if users == 0 {
-                continue;
-            }
-            let a = groups.entry(self.license_group(l, q.by, end)).or_default();
-            a[0] += 1;
-            a[1] += users;
         }
         Self::group_rows(q.by, groups, [0; 2], |r, a| {
             r.with("licenses", a[0])
@@ -805,12 +891,13 @@ impl Analytics {
             c: [u64; 3],
         }
         let mut groups: BTreeMap<&str, A> = BTreeMap::new();
-        for (_, l) in self.in_order() {
-            if !self.live(l, q.at) {
-                continue;
-            }
-            let Some(u) = self.utilization(l, q.at) else { continue };
-            let a = groups.entry(self.license_group(l, q.by, q.at)).or_default();
+        // The sums in name order, whatever the threads: the answer does not depend on them.
+        let each = self.per_live_license(q.at, |id, l| {
+            let u = self.utilization(id, q.at)?;
+            Some((self.license_group(l, q.by, q.at), u))
+        });
+        for (group, u) in each {
+            let a = groups.entry(group).or_default();
             a.n += 1;
             a.sum += u;
             a.c[0] += u64::from(u >= 0.8);
@@ -895,54 +982,45 @@ impl Analytics {
     }
 
     fn health_rows(&self, at: i64) -> Vec<Row> {
-        self.in_order()
-            .filter(|(_, l)| self.live(l, at))
-            .map(|(id, l)| {
-                let h = self.health(id, at);
+        self.per_live_license(at, |id, l| {
+            let h = self.health(id, at);
+            Some(
                 Row::default()
                     .with("license", l.name.as_str())
                     .with("score", h.score)
-                    .with("reasons", json!(h.reasons))
-            })
-            .collect()
+                    .with("reasons", json!(h.reasons)),
+            )
+        })
     }
 
     fn churn_risk(&self, at: i64, below: f64) -> Vec<Row> {
-        let mut rows: Vec<(i64, Row)> = self
-            .in_order()
-            .filter(|(_, l)| self.live(l, at))
-            .filter_map(|(id, l)| {
-                let h = self.health(id, at);
-                ((h.score as f64) < below).then(|| {
-                    let r = Row::default()
-                        .with("license", l.name.as_str())
-                        .with("score", h.score)
-                        .with("reasons", json!(h.reasons));
-                    (h.score, r)
-                })
+        let mut rows: Vec<(i64, Row)> = self.per_live_license(at, |id, l| {
+            let h = self.health(id, at);
+            ((h.score as f64) < below).then(|| {
+                let r = Row::default()
+                    .with("license", l.name.as_str())
+                    .with("score", h.score)
+                    .with("reasons", json!(h.reasons));
+                (h.score, r)
             })
-            .collect();
+        });
         // Stable: licenses are already in name order within a score.
         rows.sort_by_key(|(s, _)| *s);
         rows.into_iter().map(|(_, r)| r).collect()
     }
 
     fn upgrade_signals(&self, at: i64) -> Vec<Row> {
-        let mut rows: Vec<(usize, Row)> = self
-            .in_order()
-            .filter(|(_, l)| self.live(l, at))
-            .filter_map(|(id, l)| {
-                let t = self.signals(id, at);
-                (!t.is_empty()).then(|| {
-                    let n = t.len();
-                    let r = Row::default()
-                        .with("license", l.name.as_str())
-                        .with("triggers", json!(t))
-                        .with("pipeline", n >= 2);
-                    (n, r)
-                })
+        let mut rows: Vec<(usize, Row)> = self.per_live_license(at, |id, l| {
+            let t = self.signals(id, at);
+            (!t.is_empty()).then(|| {
+                let n = t.len();
+                let r = Row::default()
+                    .with("license", l.name.as_str())
+                    .with("triggers", json!(t))
+                    .with("pipeline", n >= 2);
+                (n, r)
             })
-            .collect();
+        });
         rows.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
         rows.into_iter().map(|(_, r)| r).collect()
     }
@@ -1016,7 +1094,7 @@ impl Analytics {
             .collect();
         let resources: Vec<Value> = (0..3)
             .map(|r| {
-                let u = self.resource(l, r, at);
+                let u = self.resource(id, r, at);
                 json!({
                     "resource": RESOURCES[r],
                     "used": u.used,
@@ -1068,7 +1146,7 @@ impl Analytics {
                 "last_payment_failed": l.payment_failed.at(at).copied().unwrap_or(false),
             },
             "resources": resources,
-            "utilization": if exists { self.utilization(l, at) } else { None },
+            "utilization": if exists { self.utilization(id, at) } else { None },
             "health": health,
             "signals": if exists && live { self.signals(id, at) } else { Vec::new() },
             "events_stored_by_type": counts,

@@ -622,3 +622,88 @@ fn state_survives_a_round_trip_through_a_snapshot() {
         "truncated body"
     );
 }
+
+#[test]
+fn answers_spread_over_threads_equal_the_serial_answers() {
+    // Enough licenses, days and kinds of event that every metric has rows; blocks of 7
+    // licenses on 3 threads, so every answer is merged from many blocks.
+    let mut b = Builder::new();
+    let mut r = fastrand::Rng::with_seed(11);
+    let kinds = [
+        T::Validated,
+        T::Validated,
+        T::Validated,
+        T::Validated,
+        T::FeatureChecked,
+        T::FeatureChecked,
+        T::Activated,
+        T::Deactivated,
+        T::Issued,
+        T::Renewed,
+        T::Upgraded,
+        T::Expired,
+        T::Suspended,
+        T::Revoked,
+        T::PaymentSucceeded,
+        T::PaymentFailed,
+        T::SupportTicketOpened,
+        T::SupportTicketClosed,
+    ];
+    for i in 0..8000 {
+        let l = (r.f64().powi(2) * 240.0) as usize;
+        let ty = kinds[r.usize(..kinds.len())];
+        let time = at(i * 40 / 8000, r.i64(0..24));
+        let mut e = Event::new(format!("p{i}"), ty, time, "agent");
+        e.license = Some(format!("lic-{l:03}"));
+        e.plan = Some(["pro", "team", "free"][(l + i as usize / 3000) % 3].to_string());
+        e.country = Some(["SE", "US", "JP"][r.usize(..3)].to_string());
+        e.customer = Some(format!("c{}", l / 5));
+        e.user = Some(format!("u{}", r.u8(..20)));
+        match ty {
+            T::Validated => {
+                e.result = [
+                    R::Valid,
+                    R::Valid,
+                    R::Valid,
+                    R::Expired,
+                    R::RateLimited,
+                    R::LimitExceeded,
+                ][r.usize(..6)];
+            }
+            T::FeatureChecked => {
+                e.feature = Some(["sso", "export", "api"][r.usize(..3)].to_string());
+                if r.bool() {
+                    e.result = R::FeatureDenied;
+                }
+            }
+            T::Activated | T::Deactivated => e.machine = Some(format!("m{}", r.u8(..6))),
+            T::Issued | T::Renewed => e.expires_at = Some(time + r.i64(1..60) * D),
+            _ => {}
+        }
+        if r.u8(..10) == 0 {
+            e.usage.domains_used = Some(r.u64(0..6));
+        }
+        b.a.apply(&e, i as u64, &NoHistory);
+    }
+    assert!(b.a.license_count() > 150, "{}", b.a.license_count());
+    for m in Metric::ALL {
+        for by in [None, Some(Dim::Plan), Some(Dim::Country), Some(Dim::Customer)] {
+            if by.is_some() && !m.takes_by() {
+                continue;
+            }
+            let q = MetricQuery {
+                metric: m,
+                from_day: day0() + 5,
+                to_day: day0() + 34,
+                at: at(35, 0),
+                by,
+                below: 80.0,
+            };
+            b.a.set_parallel(Parallel::SERIAL);
+            let serial = b.a.query(&q).unwrap();
+            assert!(!serial.is_empty(), "{} by {by:?}: no rows", m.name());
+            b.a.set_parallel(Parallel { threads: 3, block: 7 });
+            assert_eq!(b.a.query(&q).unwrap(), serial, "{} by {by:?}", m.name());
+        }
+    }
+}
