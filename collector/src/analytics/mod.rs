@@ -231,7 +231,7 @@ fn payment_of(e: &Event) -> Option<bool> {
 }
 
 /// Inserts into a timeline, looking a late event's successor up with `field`.
-fn record<V: PartialEq>(
+fn record<V: PartialEq + Clone>(
     tl: &mut Timeline<V>,
     e: &Event,
     seq: u64,

@@ -22,11 +22,18 @@ use keytrail_common::time::UnixNanos;
 /// before the first point) has the next point as its successor, and nothing is looked up.
 /// Traffic with a value that changes on most events (a machine count) makes most runs a
 /// single event.
-#[derive(Clone, Debug, Encode, Decode, PartialEq)]
+///
+/// A bound is not enough when batches from agents running side by side overlap in time: the
+/// late batch's events land inside runs that the other batch's events repeated. So a timeline
+/// that once had to look a successor up keeps the keys of the latest events that repeat a
+/// value from then on ([`Recent`]), and answers the next such question from them when they
+/// cover it. Nothing of this is persisted; a timeline read back starts without it.
+#[derive(Clone, Debug)]
 pub struct Timeline<T> {
     points: Vec<Point<T>>,
     /// The latest `(time, store_seq)` of any event that carried the field.
     last: Option<(i64, u64)>,
+    recent: Option<Box<Recent>>,
 }
 
 impl<T> Default for Timeline<T> {
@@ -34,7 +41,95 @@ impl<T> Default for Timeline<T> {
         Timeline {
             points: Vec::new(),
             last: None,
+            recent: None,
         }
+    }
+}
+
+/// What is asked of two timelines: the same points and latest key ([`Recent`] is a cache).
+impl<T: PartialEq> PartialEq for Timeline<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.points == other.points && self.last == other.last
+    }
+}
+
+impl<T: Encode> Encode for Timeline<T> {
+    fn encode<E: Encoder>(&self, enc: &mut E) -> Result<(), EncodeError> {
+        (&self.points, &self.last).encode(enc)
+    }
+}
+
+impl<C, T: Decode<C>> Decode<C> for Timeline<T> {
+    fn decode<D: Decoder<Context = C>>(d: &mut D) -> Result<Self, DecodeError> {
+        let (points, last) = <(Vec<Point<T>>, Option<(i64, u64)>)>::decode(d)?;
+        Ok(Timeline {
+            points,
+            last,
+            recent: None,
+        })
+    }
+}
+
+impl<'de, C, T: BorrowDecode<'de, C>> BorrowDecode<'de, C> for Timeline<T> {
+    fn borrow_decode<D: BorrowDecoder<'de, Context = C>>(d: &mut D) -> Result<Self, DecodeError> {
+        let (points, last) = <(Vec<Point<T>>, Option<(i64, u64)>)>::borrow_decode(d)?;
+        Ok(Timeline {
+            points,
+            last,
+            recent: None,
+        })
+    }
+}
+
+/// How many repeats [`Recent`] keeps.
+const RECENT: usize = 8;
+
+/// The keys of the latest events that joined a run (carried the value of the point before
+/// them), in a ring: every such event with a key after `covered_after` is in `keys`. An
+/// evicted key moves `covered_after` up to it; an event older than `covered_after` is not
+/// kept, and one before the ring existed was not seen, which `covered_after` (then the
+/// latest key applied) also covers.
+#[derive(Clone, Debug)]
+struct Recent {
+    /// Unused slots hold `(i64::MIN, 0)`, which is never after any key asked about.
+    keys: [(i64, u64); RECENT],
+    /// The slot the next key overwrites (the oldest written).
+    next: usize,
+    covered_after: (i64, u64),
+}
+
+impl Recent {
+    fn new(covered_after: (i64, u64)) -> Box<Recent> {
+        Box::new(Recent {
+            keys: [(i64::MIN, 0); RECENT],
+            next: 0,
+            covered_after,
+        })
+    }
+
+    fn record(&mut self, key: (i64, u64)) {
+        if key <= self.covered_after {
+            return;
+        }
+        let slot = &mut self.keys[self.next];
+        self.covered_after = self.covered_after.max(*slot);
+        *slot = key;
+        self.next = (self.next + 1) % RECENT;
+    }
+
+    /// If every repeat after `after` is known: the earliest of them before `before` (`None`
+    /// if there is none).
+    fn first_between(&self, after: (i64, u64), before: Option<(i64, u64)>) -> Option<Option<(i64, u64)>> {
+        if after < self.covered_after {
+            return None;
+        }
+        Some(
+            self.keys
+                .iter()
+                .copied()
+                .filter(|&k| k > after && before.is_none_or(|b| k < b))
+                .min(),
+        )
     }
 }
 
@@ -147,7 +242,7 @@ pub enum Inserted {
     NextUnknown,
 }
 
-impl<T: PartialEq> Timeline<T> {
+impl<T: PartialEq + Clone> Timeline<T> {
     /// Records that an event at `(time, seq)` carried `value`. `next` finds the earliest
     /// already-applied event carrying the field with a time after `time`, as `(time, seq,
     /// value)`; it is called only for a late event that changes a value.
@@ -168,6 +263,9 @@ impl<T: PartialEq> Timeline<T> {
             // The value at every t >= time is already `value`; this event joins that run.
             let before = &mut self.points[pos - 1];
             before.set_run_end(before.run_end().max(time));
+            if let Some(r) = &mut self.recent {
+                r.record(key);
+            }
             return Inserted::Exact;
         }
         if self.points.get(pos).is_some_and(|p| p.key() == key) {
@@ -184,37 +282,70 @@ impl<T: PartialEq> Timeline<T> {
         let mut outcome = Inserted::Exact;
         if late && !successor_is_next {
             // `value` holds from `time` until the next event carrying the field, which has its
-            // own value; from there on the earlier answer stands.
-            match next() {
-                Some((nt, ns, nv)) => {
-                    let next_point = self.points.get(pos + 1).map(Point::key);
-                    let before_next_point = next_point.is_none_or(|p| (nt, ns) < p);
-                    if nv != self.points[pos].value && before_next_point && (nt, ns) > key {
-                        // The rest of the split run, from its first event after this one.
-                        self.points.insert(pos + 1, Point::new(nt, ns, nv, split_end));
-                    } else if next_point != Some((nt, ns)) {
-                        self.points[pos].set_run_end(split_end);
-                    }
+            // own value; from there on the earlier answer stands. Every applied event between
+            // the point before this one and the next point repeats the former's value, so
+            // when the recent repeats cover this event's key, they name the successor.
+            let next_point = self.points.get(pos + 1).map(Point::key);
+            let known = self.recent.as_ref().and_then(|r| r.first_between(key, next_point));
+            match known {
+                Some(Some(k)) if pos > 0 => {
+                    // The rest of the split run, from its first event after this one.
+                    let v = self.points[pos - 1].value.clone();
+                    self.points.insert(pos + 1, Point::new(k.0, k.1, v, split_end));
                 }
-                None => {
-                    self.points[pos].set_run_end(split_end);
-                    outcome = Inserted::NextUnknown;
+                // No repeat after this event: the next point is its successor.
+                Some(None) if next_point.is_some() => {}
+                _ => {
+                    if self.recent.is_none() {
+                        self.recent = Some(Recent::new(self.last.unwrap_or(key)));
+                    }
+                    outcome = self.insert_looked_up(pos, key, split_end, next);
                 }
             }
         }
         // Drop points made redundant (same value as their predecessor) right after `pos`;
-        // the predecessor's run takes the dropped point's.
+        // the predecessor's run takes the dropped point's, whose event is now a repeat.
         let mut i = pos + 1;
         while i < self.points.len() && i <= pos + 2 {
             if self.points[i].value == self.points[i - 1].value {
                 let dropped = self.points.remove(i);
                 let before = &mut self.points[i - 1];
                 before.set_run_end(before.run_end().max(dropped.run_end()).max(dropped.time));
+                if let Some(r) = &mut self.recent {
+                    r.record(dropped.key());
+                }
             } else {
                 i += 1;
             }
         }
         outcome
+    }
+
+    /// The successor of the late event just inserted at `pos`, from `next` (the stored events).
+    fn insert_looked_up(
+        &mut self,
+        pos: usize,
+        key: (i64, u64),
+        split_end: i64,
+        next: impl FnOnce() -> Option<(i64, u64, T)>,
+    ) -> Inserted {
+        match next() {
+            Some((nt, ns, nv)) => {
+                let next_point = self.points.get(pos + 1).map(Point::key);
+                let before_next_point = next_point.is_none_or(|p| (nt, ns) < p);
+                if nv != self.points[pos].value && before_next_point && (nt, ns) > key {
+                    // The rest of the split run, from its first event after this one.
+                    self.points.insert(pos + 1, Point::new(nt, ns, nv, split_end));
+                } else if next_point != Some((nt, ns)) {
+                    self.points[pos].set_run_end(split_end);
+                }
+                Inserted::Exact
+            }
+            None => {
+                self.points[pos].set_run_end(split_end);
+                Inserted::NextUnknown
+            }
+        }
     }
 
     /// Records an event that is not late and carries the latest value again (`same` says so),
@@ -227,6 +358,9 @@ impl<T: PartialEq> Timeline<T> {
             Some(p) if !late && p.key() <= key && same(&p.value) => {
                 p.set_run_end(p.run_end().max(time));
                 self.last = Some(key);
+                if let Some(r) = &mut self.recent {
+                    r.record(key);
+                }
                 true
             }
             _ => false,
@@ -300,9 +434,15 @@ mod tests {
     #[test]
     fn any_insertion_order_gives_the_time_ordered_answer() {
         let mut rng = fastrand::Rng::with_seed(7);
-        for _ in 0..2000 {
-            let n = rng.usize(1..30);
-            let events: Vec<(i64, u64, u8)> = (0..n).map(|i| (rng.i64(0..20), i as u64, rng.u8(0..3))).collect();
+        for round in 0..2400 {
+            // Longer ones too, past what the ring of recent repeats holds.
+            let n = if round % 6 == 0 {
+                rng.usize(30..200)
+            } else {
+                rng.usize(1..30)
+            };
+            let times = (n as i64).max(20);
+            let events: Vec<(i64, u64, u8)> = (0..n).map(|i| (rng.i64(0..times), i as u64, rng.u8(0..3))).collect();
             // Applied in a random order; store sequences follow the order of application.
             let mut order: Vec<(i64, u8)> = events.iter().map(|e| (e.0, e.2)).collect();
             rng.shuffle(&mut order);
@@ -328,7 +468,7 @@ mod tests {
                 }
                 assert_eq!(tl.insert(t, s, v, next), Inserted::Exact);
             }
-            for t in -1..22 {
+            for t in -1..times + 2 {
                 assert_eq!(tl.at(t).copied(), reference(&events, t), "t={t} events={events:?}");
             }
             assert!(
@@ -398,6 +538,65 @@ mod tests {
         });
         assert_eq!(asked, 1);
         assert_eq!((tl.at(35), tl.at(40), tl.at(50)), (Some(&'h'), Some(&'f'), Some(&'g')));
+    }
+
+    #[test]
+    fn recent_repeats_name_a_late_events_successor_without_a_lookup() {
+        // Two agents' batches overlap: the run of 'a' from 10 is repeated at 30 by one, then
+        // the other's event at 20 arrives with another value.
+        let mut tl = Timeline::default();
+        tl.insert(10, 0, 'a', || unreachable!("in order"));
+        assert!(tl.repeats(30, 1, |v| *v == 'a'));
+        let mut asked = 0;
+        tl.insert(20, 2, 'b', || {
+            asked += 1;
+            Some((30, 1, 'a'))
+        });
+        assert_eq!(asked, 1, "the first time, the successor is looked up");
+        // From then on the repeats are kept (by both ways of recording one).
+        assert!(tl.repeats(40, 3, |v| *v == 'a'));
+        tl.insert(50, 4, 'a', || unreachable!("in order"));
+        tl.insert(45, 5, 'c', || unreachable!("the repeat at 50 is known"));
+        assert_eq!((tl.at(44), tl.at(45), tl.at(50)), (Some(&'a'), Some(&'c'), Some(&'a')));
+        // No repeat after a late event's key and before the next point: that point is next.
+        tl.insert(60, 6, 'd', || unreachable!("in order"));
+        tl.insert(55, 7, 'e', || unreachable!("the point at 60 is next"));
+        assert_eq!((tl.at(55), tl.at(60)), (Some(&'e'), Some(&'d')));
+        // Keys from before the ring existed are not covered: looked up (the run of the point
+        // at 10 had a repeat, at 30, when it was kept to one bit).
+        let mut asked = 0;
+        tl.insert(15, 8, 'f', || {
+            asked += 1;
+            Some((20, 2, 'b'))
+        });
+        assert_eq!(asked, 1);
+        assert_eq!((tl.at(15), tl.at(20)), (Some(&'f'), Some(&'b')));
+        // Past the ring's size, the oldest kept repeats are forgotten and the cover moves up.
+        for i in 0..RECENT as i64 + 2 {
+            assert!(tl.repeats(100 + i, 10 + i as u64, |v| *v == 'd'));
+        }
+        let mut asked = 0;
+        tl.insert(100, 30, 'g', || {
+            asked += 1;
+            Some((101, 11, 'd'))
+        });
+        assert_eq!(asked, 1, "the repeat at 101 was evicted");
+        tl.insert(108, 31, 'h', || unreachable!("the repeat at 109 is kept"));
+        assert_eq!(
+            (tl.at(100), tl.at(101), tl.at(108), tl.at(109)),
+            (Some(&'g'), Some(&'d'), Some(&'h'), Some(&'d'))
+        );
+        // Read back from a snapshot, the ring is gone: asked again.
+        let cfg = bincode::config::standard();
+        let bytes = bincode::encode_to_vec(&tl, cfg).unwrap();
+        let (mut back, _): (Timeline<char>, _) = bincode::decode_from_slice(&bytes, cfg).unwrap();
+        assert_eq!(bincode::encode_to_vec(&back, cfg).unwrap(), bytes);
+        let mut asked = 0;
+        back.insert(107, 32, 'i', || {
+            asked += 1;
+            Some((108, 31, 'h'))
+        });
+        assert_eq!(asked, 1);
     }
 
     #[test]
