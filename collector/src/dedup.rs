@@ -8,7 +8,26 @@
 //! store before this runs: a retried batch never reaches the event check.
 
 use std::collections::HashSet;
-use std::hash::{BuildHasher, Hash};
+use std::hash::{BuildHasher, Hash, Hasher};
+
+/// For keys that are already uniform 128-bit keyed hashes (event ids, license and user
+/// names): a table uses their low bits as they are.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
 
 /// The outcome for one batch: indexes of the events to store, and how many were duplicates.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -39,6 +39,7 @@ mod query;
 mod timeline;
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 use bincode::{Decode, Encode};
 use keytrail_common::event::{Event, EventType, ResultCode};
@@ -50,6 +51,32 @@ pub use query::{civil_from_days, days_from_civil, Dim, Metric, MetricQuery, Quer
 pub use timeline::{Inserted, Timeline};
 
 use crate::config::Plan;
+use crate::dedup::IdHasher;
+
+/// Names (of licenses, of users) to dense ids, by the names' [`NameHasher`] hash.
+type NameIds = HashMap<u128, u32, BuildHasherDefault<IdHasher>>;
+
+/// A 128-bit SipHash with a key drawn for each process. The id tables are keyed by it, so a
+/// lookup compares no strings (the name's bytes, far from the table, would miss the cache on
+/// every event). Two names count as one only if their hashes are equal: with a random key,
+/// about one chance in 2^64 after 2^32 names, as for the event ids the store deduplicates.
+#[derive(Clone, Copy)]
+struct NameHasher(u64, u64);
+
+impl Default for NameHasher {
+    fn default() -> NameHasher {
+        let r = std::collections::hash_map::RandomState::new();
+        NameHasher(r.hash_one(0u8), r.hash_one(1u8))
+    }
+}
+
+impl NameHasher {
+    fn hash(self, name: &str) -> u128 {
+        let mut h = siphasher::sip128::SipHasher13::new_with_keys(self.0, self.1);
+        h.write(name.as_bytes());
+        siphasher::sip128::Hasher128::finish128(&h).as_u128()
+    }
+}
 
 /// Version of the snapshot body; a snapshot of another version is not loaded (rebuilt instead).
 const SNAPSHOT_VERSION: u8 = 2;
@@ -294,7 +321,8 @@ pub struct Analytics {
     /// License name → id, in name order (the order of every per-license answer).
     by_name: BTreeMap<String, u32>,
     /// The same, hashed: the lookup of every applied event (not in snapshots).
-    name_ids: HashMap<String, u32>,
+    name_ids: NameIds,
+    hasher: NameHasher,
     /// Per license id, the variant of its latest cell event (`u32::MAX`: none yet): a
     /// license's dimensions rarely change, so this spares building and hashing a variant per
     /// event (not in snapshots).
@@ -307,7 +335,7 @@ pub struct Analytics {
     variant_ids: HashMap<Variant, u32>,
     /// User names by id (cells hold ids: compact, and distinct counts need no string compares).
     users: Vec<String>,
-    user_ids: HashMap<String, u32>,
+    user_ids: NameIds,
     /// Every event with a store sequence below this has been applied (set by the store after
     /// each group; recorded in snapshots).
     applied_through: u64,
@@ -349,7 +377,8 @@ impl Analytics {
     }
 
     fn license_id(&mut self, name: &str, time: i64) -> u32 {
-        if let Some(&id) = self.name_ids.get(name) {
+        let h = self.hasher.hash(name);
+        if let Some(&id) = self.name_ids.get(&h) {
             return id;
         }
         let id = self.licenses.len() as u32;
@@ -362,7 +391,7 @@ impl Analytics {
         });
         self.cells.push(BTreeMap::new());
         self.by_name.insert(name.to_string(), id);
-        self.name_ids.insert(name.to_string(), id);
+        self.name_ids.insert(h, id);
         self.last_variant.push(u32::MAX);
         self.active_now.push([(i64::MIN, 0); 3]);
         id
@@ -401,12 +430,13 @@ impl Analytics {
     }
 
     fn user_id(&mut self, name: &str) -> u32 {
-        if let Some(&id) = self.user_ids.get(name) {
+        let h = self.hasher.hash(name);
+        if let Some(&id) = self.user_ids.get(&h) {
             return id;
         }
         let id = self.users.len() as u32;
         self.users.push(name.to_string());
-        self.user_ids.insert(name.to_string(), id);
+        self.user_ids.insert(h, id);
         id
     }
 
@@ -622,7 +652,7 @@ impl Analytics {
             if a.by_name.insert(l.name.clone(), id as u32).is_some() {
                 return Err(err(format!("license {:?} twice", l.name)));
             }
-            a.name_ids.insert(l.name.clone(), id as u32);
+            a.name_ids.insert(a.hasher.hash(&l.name), id as u32);
         }
         for (id, v) in s.variants.iter().enumerate() {
             if a.variant_ids.insert(v.clone(), id as u32).is_some() {
@@ -630,7 +660,7 @@ impl Analytics {
             }
         }
         for (id, u) in s.users.iter().enumerate() {
-            if a.user_ids.insert(u.clone(), id as u32).is_some() {
+            if a.user_ids.insert(a.hasher.hash(u), id as u32).is_some() {
                 return Err(err(format!("user {id} twice")));
             }
         }

@@ -36,6 +36,8 @@
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fs::File;
 use std::hash::{BuildHasherDefault, Hasher};
+
+use crate::dedup::IdHasher;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -183,24 +185,6 @@ pub(super) fn decode_record(body: &[u8]) -> Option<Event> {
 #[cfg(test)]
 pub(super) fn encode_record(e: &Event) -> Vec<u8> {
     bincode::encode_to_vec(StoredEventV1Ref::from(e), BINCODE).expect("encoding into memory")
-}
-
-/// The id hashes are already uniform: the set uses their low bits as they are.
-#[derive(Default)]
-pub(super) struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u128(&mut self, v: u128) {
-        self.0 = v as u64;
-    }
 }
 
 type IdSet = HashSet<u128, BuildHasherDefault<IdHasher>>;

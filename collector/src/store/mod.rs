@@ -194,8 +194,9 @@ pub struct EventPage {
 pub mod events;
 mod license_keys;
 
+use crate::dedup::IdHasher;
+use events::EventLog;
 pub use events::Purged;
-use events::{EventLog, IdHasher};
 
 /// Decodes an event record of the first store format (`1 ‖ crc32 ‖ bincode`), for migration.
 fn decode_v1_value(r: &[u8]) -> Option<Event> {
