@@ -15,6 +15,10 @@ const MAX_THREADS: usize = 8;
 /// Licenses per block: large enough that taking a block costs nothing next to its work.
 const BLOCK: usize = 1024;
 
+/// Scratch memory of one query's per-thread accumulators, all threads together: a query whose
+/// accumulator is larger (a long window by customer) runs on fewer threads, down to one.
+const SCRATCH_BYTES: usize = 64 << 20;
+
 /// How a query spreads over threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Parallel {
@@ -40,6 +44,16 @@ impl Parallel {
         threads: 1,
         block: usize::MAX,
     };
+
+    /// At most as many threads as hold `bytes_per_thread` of accumulator each within
+    /// [`SCRATCH_BYTES`], and at least one.
+    pub fn within(self, bytes_per_thread: usize) -> Parallel {
+        let fit = (SCRATCH_BYTES / bytes_per_thread.max(1)).max(1);
+        Parallel {
+            threads: self.threads.min(fit),
+            ..self
+        }
+    }
 
     /// Folds `0..n` into one accumulator per thread that ran: each thread starts from `init()` and
     /// calls `f` on the blocks it takes. Which thread got which block varies, so the caller's
@@ -119,6 +133,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn large_accumulators_take_fewer_threads() {
+        let p = Parallel { threads: 8, block: 10 };
+        assert_eq!(p.within(1 << 10).threads, 8);
+        assert_eq!(p.within(SCRATCH_BYTES / 3).threads, 3);
+        assert_eq!(p.within(SCRATCH_BYTES * 5).threads, 1);
+        assert_eq!(p.within(0).threads, 8);
     }
 
     #[test]

@@ -632,7 +632,7 @@ impl Analytics {
         let days = (q.to_day - q.from_day + 1) as usize;
         // Per thread: results and active licenses per (day, group) slot, and the license that
         // last counted in each slot (a license is wholly in one thread's blocks).
-        let parts = self.parallel.fold(
+        let parts = self.parallel.within(days * ng * (12 * 8 + 8 + 4)).fold(
             self.licenses.len(),
             || {
                 (
@@ -718,7 +718,7 @@ impl Analytics {
         let countries = self.groups(Some(Dim::Country), end);
         let (ng, nc) = (groups.names.len(), countries.names.len());
         // Per thread, as in `day_series`.
-        let parts = self.parallel.fold(
+        let parts = self.parallel.within(nc * ng * (3 * 8 + 4)).fold(
             self.licenses.len(),
             || (vec![[0u64; 3]; nc * ng], vec![u32::MAX; nc * ng]),
             |(acc, marked), ids| {
@@ -844,7 +844,7 @@ impl Analytics {
     fn active_users(&self, q: &MetricQuery, end: i64) -> Vec<Row> {
         // Per thread: the groups, and per user id the license that last counted it (distinct
         // users per license without sorting).
-        let parts = self.parallel.fold(
+        let parts = self.parallel.within(self.user_count() * 4).fold(
             self.licenses.len(),
             || (BTreeMap::<&str, [u64; 2]>::new(), vec![u32::MAX; self.user_count()]),
             |(groups, counted_for), ids| {
