@@ -343,6 +343,8 @@ pub struct Analytics {
     inexact: u64,
     /// How a query spreads over threads (not in snapshots).
     parallel: Parallel,
+    /// The size to reserve for the next snapshot (the last one's, and some).
+    snapshot_size: std::sync::atomic::AtomicUsize,
 }
 
 impl Analytics {
@@ -598,8 +600,15 @@ impl Analytics {
 
     /// The whole state as bytes: version ‖ crc32 ‖ bincode. (The catalog is configuration and
     /// not part of it.)
+    ///
+    /// Encoded in place, into a buffer sized after the previous snapshot: a state of 10 M
+    /// events is over 100 MB, and growing a buffer by doubling, then copying the body behind
+    /// its header, would copy it three times over.
     pub fn snapshot(&self) -> Vec<u8> {
-        let body = bincode::encode_to_vec(
+        let mut out = Vec::with_capacity(self.snapshot_size.load(std::sync::atomic::Ordering::Relaxed));
+        out.push(SNAPSHOT_VERSION);
+        out.extend_from_slice(&[0; 4]);
+        bincode::encode_into_std_write(
             SnapshotRef {
                 applied_through: self.applied_through,
                 inexact: self.inexact,
@@ -608,13 +617,15 @@ impl Analytics {
                 licenses: &self.licenses,
                 cells: &self.cells,
             },
+            &mut out,
             BINCODE,
         )
         .expect("encoding into memory");
-        let mut out = Vec::with_capacity(5 + body.len());
-        out.push(SNAPSHOT_VERSION);
-        out.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
-        out.extend_from_slice(&body);
+        let crc = crc32fast::hash(&out[5..]);
+        out[1..5].copy_from_slice(&crc.to_be_bytes());
+        // Room for the state to grow until the next one.
+        self.snapshot_size
+            .store(out.len() + out.len() / 8, std::sync::atomic::Ordering::Relaxed);
         out
     }
 
