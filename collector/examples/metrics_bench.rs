@@ -155,6 +155,10 @@ async fn main() {
         raw_events: Duration::from_secs(3650 * 86400),
         plans: plans(),
         snapshot_every: keytrail_collector::store::DEFAULT_SNAPSHOT_EVENTS,
+        snapshot_bytes_per_event: std::env::var("SNAPSHOT_BYTES_PER_EVENT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(keytrail_collector::store::DEFAULT_SNAPSHOT_BYTES_PER_EVENT),
     };
     let start_day = days_from_civil(2026, 8);
     let gen = Gen {

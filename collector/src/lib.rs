@@ -68,6 +68,7 @@ pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
         raw_events: config.raw_events,
         plans: config.plans.clone(),
         snapshot_every: crate::store::DEFAULT_SNAPSHOT_EVENTS,
+        snapshot_bytes_per_event: crate::store::DEFAULT_SNAPSHOT_BYTES_PER_EVENT,
     };
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, options)).await??;
     let writer = store.start_writer();

@@ -314,6 +314,7 @@ async fn rollups_agree_with_the_reference_on_generated_traffic() {
         plans: catalog(),
         // Snapshots and journal replay both happen on the way (4,000 events).
         snapshot_every: 700,
+        snapshot_bytes_per_event: 0,
     };
     let questions = Questions { start_day, days };
     // Batches of varying size; every fifth batch is sent twice (an agent's retry).
