@@ -123,8 +123,9 @@ pub const DEFAULT_SNAPSHOT_EVENTS: u64 = 1_000_000;
 /// large state makes every snapshot costly: a state of 10 M events is over 120 MB, about a
 /// second and a quarter of CPU, which `DEFAULT_SNAPSHOT_EVENTS` alone would spend again every
 /// million events — close to half of what applying them costs. So by default snapshots are
-/// also at least this many stored events apart per byte of the last one: 120 MB, then 3.9 M
-/// events, about 10 % of the apply work; the replay after a crash is that many events at most.
+/// also at least one stored event per this many bytes of the last one apart: after 120 MB,
+/// 3.9 M events, about 10 % of the apply work; the replay after a crash is that many events at
+/// most.
 pub const DEFAULT_SNAPSHOT_BYTES_PER_EVENT: u64 = 32;
 /// The most a snapshot may decompress to (a damaged or hostile file cannot exhaust memory).
 const MAX_SNAPSHOT_BYTES: u64 = 32 << 30;
