@@ -8,13 +8,18 @@
 //!
 //! # Rules
 //!
-//! * **Transparent.** Bodies are streamed frame by frame, never rebuffered or re-encoded.
+//! * **Transparent.** Bodies are streamed as they arrive, never rebuffered or re-encoded.
 //!   Clients may speak HTTP/1.1 or HTTP/2 (cleartext, prior knowledge); the upstream is
 //!   spoken to in HTTP/1.1 over kept-alive connections, as nginx does.
 //!   Headers pass unchanged except the hop-by-hop ones (RFC 9110 §7.6.1: `Connection`, the
 //!   headers it names, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`,
 //!   `Upgrade`), which belong to each connection, and `Host`, which names the upstream (as
 //!   nginx's `proxy_pass` does by default).
+//! * **Two paths.** License calls (HTTP/1.1, no body or a `Content-Length` one) take
+//!   [`fast`]: one task per client connection copies bytes between the two sockets, as
+//!   nginx's event loop does; an answer keeps its own framing (a chunked one its chunks and
+//!   trailers). Everything else — HTTP/2, HTTP/1.0, chunked or `Expect` requests, upgrades —
+//!   is handed to hyper ([`serve_hyper`]) at a request boundary, with the bytes read so far.
 //! * **Fail-open.** Nothing keytrail does can fail a request: recording happens after the
 //!   response body has been passed on, on another thread: finished exchanges are staged on
 //!   the proxy's thread (bounded) and handed over every 50 ms as one batch (one cross-thread
@@ -27,6 +32,7 @@
 //!   events in the ingest schema with `license_key` / `machine` raw, and the same parser as
 //!   `POST /v1/events` pseudonymises them before anything is written.
 
+pub mod fast;
 pub mod generic;
 pub mod gumroad;
 pub mod json;
@@ -459,6 +465,8 @@ pub struct Proxy {
     keep_headers: Vec<HeaderName>,
     tls: Option<tokio_rustls::TlsConnector>,
     idle: Arc<Mutex<Vec<Idle>>>,
+    /// Idle upstream connections of the HTTP/1.1 path ([`fast`]), and since when.
+    pooled: Mutex<Vec<(fast::UpConn, std::time::Instant)>>,
     recorder: RecordSender,
     /// Finished exchanges, handed to `recorder` every [`HANDOFF_EVERY`].
     staged: Arc<Mutex<Vec<Exchange>>>,
@@ -490,14 +498,27 @@ impl Proxy {
             keep_headers,
             tls,
             idle: Arc::new(Mutex::new(Vec::new())),
+            pooled: Mutex::new(Vec::new()),
             recorder,
             staged: Arc::default(),
             metrics,
         })
     }
 
+    /// A new upstream connection (TLS included) for hyper's client.
     async fn connect(&self) -> Result<Sender, String> {
-        tokio::time::timeout(CONNECT_TIMEOUT, self.connect_now())
+        let conn = self.open().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(conn))
+            .await
+            .map_err(|e| format!("HTTP with {}: {e}", self.upstream.authority))?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    /// A new upstream connection, TLS included, within [`CONNECT_TIMEOUT`].
+    async fn open(&self) -> Result<fast::UpConn, String> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.open_now())
             .await
             .map_err(|_| {
                 format!(
@@ -507,13 +528,12 @@ impl Proxy {
             })?
     }
 
-    async fn connect_now(&self) -> Result<Sender, String> {
+    async fn open_now(&self) -> Result<fast::UpConn, String> {
         let u = &self.upstream;
         let tcp = TcpStream::connect((u.host.as_str(), u.port))
             .await
             .map_err(|e| format!("connecting to {}: {e}", u.authority))?;
         let _ = tcp.set_nodelay(true);
-        let builder = http1::Builder::new();
         match &self.tls {
             Some(tls) => {
                 let name = rustls_pki_types::ServerName::try_from(u.host.clone())
@@ -522,21 +542,40 @@ impl Proxy {
                     .connect(name, tcp)
                     .await
                     .map_err(|e| format!("TLS with {}: {e}", u.authority))?;
-                let (sender, conn) = builder
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| format!("HTTP with {}: {e}", u.authority))?;
-                tokio::spawn(conn);
-                Ok(sender)
+                Ok(fast::UpConn::Tls(Box::new(stream)))
             }
-            None => {
-                let (sender, conn) = builder
-                    .handshake(TokioIo::new(tcp))
-                    .await
-                    .map_err(|e| format!("HTTP with {}: {e}", u.authority))?;
-                tokio::spawn(conn);
-                Ok(sender)
+            None => Ok(fast::UpConn::Plain(tcp)),
+        }
+    }
+
+    /// An idle connection of the HTTP/1.1 path that is still open.
+    fn take_pooled(&self) -> Option<fast::UpConn> {
+        let now = std::time::Instant::now();
+        let mut pooled = self.pooled.lock().expect("upstream pool");
+        pooled.retain(|(_, since)| now.duration_since(*since) < IDLE_FOR);
+        while let Some((mut conn, _)) = pooled.pop() {
+            if conn.is_reusable() {
+                return Some(conn);
             }
+        }
+        None
+    }
+
+    /// Keeps a connection of the HTTP/1.1 path for the next request.
+    fn park_pooled(&self, conn: fast::UpConn) {
+        let mut pooled = self.pooled.lock().expect("upstream pool");
+        if pooled.len() < MAX_IDLE {
+            pooled.push((conn, std::time::Instant::now()));
+        }
+    }
+
+    /// Stages a finished exchange for the next hand-over to the recorder.
+    fn stage(&self, ex: Exchange) {
+        let mut staged = self.staged.lock().expect("staged exchanges");
+        if staged.len() < RECORD_QUEUE {
+            staged.push(ex);
+        } else {
+            self.metrics.proxy_unrecorded.add(&["queue_full"], 1);
         }
     }
 
@@ -649,8 +688,7 @@ impl Proxy {
         strip_hop_by_hop(&mut rparts.headers);
         let status = rparts.status;
         let response_headers = copy_headers(&rparts.headers, &[header::CONTENT_ENCODING, header::CONTENT_TYPE]);
-        let staged = Arc::clone(&self.staged);
-        let metrics = Arc::clone(&self.metrics);
+        let proxy = Arc::clone(&self);
         let done = Box::new(move |response_body: Capture| {
             let request_body = request_slot.lock().expect("capture slot").take().unwrap_or_default();
             let ex = Exchange {
@@ -665,12 +703,7 @@ impl Proxy {
                 response_body,
                 decoded: Default::default(),
             };
-            let mut staged = staged.lock().expect("staged exchanges");
-            if staged.len() < RECORD_QUEUE {
-                staged.push(ex);
-            } else {
-                metrics.proxy_unrecorded.add(&["queue_full"], 1);
-            }
+            proxy.stage(ex);
         });
         Ok(Response::from_parts(rparts, Either::Left(Tee::new(rbody, done))))
     }
@@ -786,15 +819,20 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: tokio
             }
         };
         let _ = stream.set_nodelay(true);
-        let proxy = Arc::clone(&proxy);
-        tokio::spawn(async move {
-            let service = service_fn(move |req| Arc::clone(&proxy).handle(req));
-            // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c prior knowledge).
-            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        tokio::spawn(fast::serve_connection(Arc::clone(&proxy), stream));
     }
+}
+
+/// Serves a connection with hyper: HTTP/1.1, or HTTP/2 when the client opens with its preface
+/// (h2c prior knowledge). [`fast`] hands over what it does not serve itself.
+async fn serve_hyper<I>(proxy: Arc<Proxy>, io: I)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| Arc::clone(&proxy).handle(req));
+    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), service)
+        .await;
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
