@@ -13,11 +13,19 @@
 //! `Expect` or `Upgrade`, `CONNECT`, targets not in origin form, heads over [`MAX_HEAD`]
 //! bytes or [`MAX_FIELDS`] fields, and whatever httparse refuses. hyper serves or refuses
 //! those as it always did, and keeps the connection from then on.
+//!
+//! A field named by `Connection` is dropped like the hop-by-hop ones, unless it frames the
+//! message (`Content-Length`, `Transfer-Encoding`, …): such a request goes to hyper and such
+//! an answer is a 502, so no two peers cut a message differently. Chunked bodies are read
+//! strictly (hex sizes, CRLF lines). [`Timeouts`]: a kept-alive client connection closes after
+//! 5 minutes without a request; within an exchange, 60 s without a byte moving closes it (and
+//! a client whose upstream sent no answer head gets a 504).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use keytrail_common::time::now_ns;
@@ -37,6 +45,27 @@ const READ_SIZE: usize = 16 * 1024;
 const MAX_LINE: usize = 8 * 1024;
 /// All trailer fields of a chunked answer together.
 const MAX_TRAILERS: usize = 64 * 1024;
+/// How long this path waits for a peer.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// A kept-alive client connection that starts no request for this long is closed.
+    pub idle: Duration,
+    /// Within a request or its answer, the longest wait for the client to send or take a byte.
+    pub client: Duration,
+    /// The longest wait for the upstream to take or send a byte (nginx's
+    /// `proxy_read_timeout`); before its answer starts, the client gets a 504.
+    pub upstream: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            idle: Duration::from_secs(300),
+            client: Duration::from_secs(60),
+            upstream: Duration::from_secs(60),
+        }
+    }
+}
 
 /// An upstream connection.
 pub enum UpConn {
@@ -227,8 +256,14 @@ fn dropped_from_answer(name: &str) -> bool {
     .any(|n| n.eq_ignore_ascii_case(name))
 }
 
+/// Fields that say where a message ends, or what the request expects of the exchange: never
+/// dropped because `Connection` names them (that would cut a message differently from the
+/// peer that sent it).
+const FRAMING: [&str; 5] = ["content-length", "transfer-encoding", "expect", "upgrade", "host"];
+
 /// The tokens of `Connection` fields: whether one is `close`, whether one is `upgrade`, and
-/// the other field names they list (dropped too). `None` when a value is not text.
+/// the other field names they list (dropped too). `None` when a value is not text or names
+/// one of [`FRAMING`].
 fn connection_tokens<'a>(fields: &[httparse::Header<'a>]) -> Option<(bool, bool, Vec<&'a str>)> {
     let (mut close, mut upgrade, mut named) = (false, false, Vec::new());
     for f in fields.iter().filter(|f| f.name.eq_ignore_ascii_case("connection")) {
@@ -238,6 +273,8 @@ fn connection_tokens<'a>(fields: &[httparse::Header<'a>]) -> Option<(bool, bool,
                 close = true;
             } else if t.eq_ignore_ascii_case("upgrade") {
                 upgrade = true;
+            } else if FRAMING.iter().any(|f| f.eq_ignore_ascii_case(t)) {
+                return None;
             } else if !t.eq_ignore_ascii_case("keep-alive") {
                 named.push(t);
             }
@@ -362,7 +399,8 @@ fn parse_answer(
     if status == 101 {
         return Err("101 Switching Protocols to a request that asked for no upgrade".into());
     }
-    let (close, _, named) = connection_tokens(resp.headers).ok_or("a Connection field that is not text")?;
+    let (close, _, named) =
+        connection_tokens(resp.headers).ok_or("a Connection field that is not text or names a framing field")?;
     let informational = (100..200).contains(&status);
     let mut length = None;
     let mut chunked = None;
@@ -386,8 +424,7 @@ fn parse_answer(
             // The last coding applied decides (RFC 9112 §6.3).
             let last = std::str::from_utf8(f.value)
                 .ok()
-                .and_then(|v| v.rsplit(',').next())
-                .map(str::trim);
+                .and_then(|v| v.split(',').map(str::trim).filter(|c| !c.is_empty()).last());
             chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")));
         } else if name.eq_ignore_ascii_case("content-encoding") || name.eq_ignore_ascii_case("content-type") {
             if let (Ok(n), Ok(v)) = (
@@ -494,8 +531,12 @@ impl Chunked {
 
     fn end_line(&mut self) -> Result<(), String> {
         let line = std::mem::take(&mut self.line);
-        let blank = line == b"\r\n" || line == b"\n";
+        if !line.ends_with(b"\r\n") {
+            return Err("a chunked body's line without CRLF".into());
+        }
+        let blank = line == b"\r\n";
         self.state = match self.state {
+            ChunkState::Size if !line[0].is_ascii_hexdigit() => return Err("an unreadable chunk size".into()),
             ChunkState::Size => match httparse::parse_chunk_size(&line) {
                 Ok(httparse::Status::Complete((_, 0))) => ChunkState::Trailers,
                 Ok(httparse::Status::Complete((_, n))) => ChunkState::Data(n),
@@ -550,6 +591,30 @@ async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> io::Re
     r.read_buf(buf).await
 }
 
+/// `f`, or a `TimedOut` error once `limit` has passed.
+async fn within<T>(limit: Duration, f: impl std::future::Future<Output = io::Result<T>>) -> io::Result<T> {
+    tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("nothing moved for {} s", limit.as_secs()),
+        ))
+    })
+}
+
+/// Reads more into `buf` within `limit`.
+async fn read_within<R: AsyncRead + Unpin>(limit: Duration, r: &mut R, buf: &mut Vec<u8>) -> io::Result<usize> {
+    within(limit, read_more(r, buf)).await
+}
+
+/// Writes all of `bytes` within `limit` (from the start).
+async fn write_within<W: AsyncWrite + Unpin>(limit: Duration, w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    within(limit, async {
+        w.write_all(bytes).await?;
+        w.flush().await
+    })
+    .await
+}
+
 /// What ended an exchange.
 enum Outcome {
     /// The client connection can carry another request.
@@ -594,7 +659,12 @@ pub async fn serve_connection(proxy: Arc<Proxy>, client: TcpStream) {
                     Parsed::Partial => {}
                 }
             }
-            match read_more(&mut c.client, &mut c.from_client).await {
+            let limit = if c.from_client.is_empty() {
+                c.proxy.timeouts.idle
+            } else {
+                c.proxy.timeouts.client
+            };
+            match read_within(limit, &mut c.client, &mut c.from_client).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
@@ -633,18 +703,17 @@ impl Conn {
                 Some(c) => (c, true),
                 None => match self.proxy.open().await {
                     Ok(c) => (c, false),
-                    Err(e) => return self.bad_gateway(&e).await,
+                    Err(e) => return self.bad_gateway(BAD_GATEWAY, &e).await,
                 },
             };
             let may_retry = pooled && whole && !retried;
-            if let Err(e) = up.write_all(&self.out).await.and(up.flush().await) {
+            if let Err(e) = write_within(self.proxy.timeouts.upstream, &mut up, &self.out).await {
                 if may_retry {
                     retried = true;
                     continue;
                 }
-                return self
-                    .bad_gateway(&format!("{}: {e}", self.proxy.upstream.authority))
-                    .await;
+                let e = format!("{}: {e}", self.proxy.upstream.authority);
+                return self.bad_gateway(BAD_GATEWAY, &e).await;
             }
             if !whole {
                 if let Err(e) = self
@@ -654,7 +723,7 @@ impl Conn {
                     return match e {
                         // The client went away: nothing to answer.
                         Side::Client => Outcome::Close,
-                        Side::Upstream(e) => self.bad_gateway(&e).await,
+                        Side::Upstream(e) => self.bad_gateway(BAD_GATEWAY, &e).await,
                     };
                 }
             }
@@ -666,19 +735,21 @@ impl Conn {
                 Ok(a) => break (up, a),
                 // The upstream closed a kept-alive connection as the request went out: it was
                 // not read (RFC 9112 §9.3.1), and may go again if it is idempotent.
-                Err(None) if may_retry && idempotent => {
+                Err(HeadError::Closed) if may_retry && idempotent => {
                     retried = true;
                     continue;
                 }
-                Err(None) => {
-                    return self
-                        .bad_gateway(&format!("{} closed the connection", self.proxy.upstream.authority))
-                        .await
-                }
-                Err(Some(e)) => {
-                    return self
-                        .bad_gateway(&format!("{}: {e}", self.proxy.upstream.authority))
-                        .await
+                Err(e) => {
+                    let (status, what) = match e {
+                        HeadError::Closed => (BAD_GATEWAY, "closed the connection".to_string()),
+                        HeadError::TimedOut => (
+                            GATEWAY_TIMEOUT,
+                            format!("no answer within {} s", self.proxy.timeouts.upstream.as_secs()),
+                        ),
+                        HeadError::Other(e) => (BAD_GATEWAY, e),
+                    };
+                    let e = format!("{}: {what}", self.proxy.upstream.authority);
+                    return self.bad_gateway(status, &e).await;
                 }
             }
         };
@@ -716,7 +787,9 @@ impl Conn {
                 left -= take as u64;
             }
             if !self.out.is_empty() && client_ok {
-                client_ok = self.client.write_all(&self.out).await.is_ok();
+                client_ok = write_within(self.proxy.timeouts.client, &mut self.client, &self.out)
+                    .await
+                    .is_ok();
             }
             self.out.clear();
             ended = ended
@@ -728,7 +801,7 @@ impl Conn {
             if ended || !upstream_ok || !client_ok {
                 break;
             }
-            match read_more(&mut up, &mut self.from_upstream).await {
+            match read_within(self.proxy.timeouts.upstream, &mut up, &mut self.from_upstream).await {
                 Ok(0) => {
                     // The end of a body that runs to the close; a cut-off one otherwise.
                     ended = answer.framing == Framing::Close;
@@ -774,40 +847,40 @@ impl Conn {
         capture: &mut CaptureBuf,
     ) -> Result<(), Side> {
         while left > 0 {
-            match read_more(&mut self.client, &mut self.from_client).await {
+            match read_within(self.proxy.timeouts.client, &mut self.client, &mut self.from_client).await {
                 Ok(0) | Err(_) => return Err(Side::Client),
                 Ok(_) => {}
             }
             let n = self.from_client.len().min(usize::try_from(left).unwrap_or(usize::MAX));
             capture.add(&self.from_client[..n]);
-            up.write_all(&self.from_client[..n])
+            write_within(self.proxy.timeouts.upstream, up, &self.from_client[..n])
                 .await
                 .map_err(|e| Side::Upstream(format!("{}: {e}", self.proxy.upstream.authority)))?;
             // What follows belongs to the client's next request.
             self.from_client.drain(..n);
             left -= n as u64;
         }
-        up.flush()
-            .await
-            .map_err(|e| Side::Upstream(format!("{}: {e}", self.proxy.upstream.authority)))
+        Ok(())
     }
 
     /// Reads the answer's head (after any informational ones, which pass to the client).
-    /// `Err(None)`: the upstream closed before sending a byte.
     async fn read_answer_head(
         &mut self,
         up: &mut UpConn,
         head_request: bool,
         close: bool,
-    ) -> Result<Answer, Option<String>> {
+    ) -> Result<Answer, HeadError> {
         let mut got_any = false;
         loop {
             if !self.from_upstream.is_empty() {
                 match parse_answer(&self.from_upstream, head_request, close, &mut self.out) {
                     Ok(Some(a)) if (100..200).contains(&a.status) => {
                         self.from_upstream.drain(..a.head_len);
-                        if self.client.write_all(&self.out).await.is_err() {
-                            return Err(Some("the client went away".into()));
+                        if write_within(self.proxy.timeouts.client, &mut self.client, &self.out)
+                            .await
+                            .is_err()
+                        {
+                            return Err(HeadError::Other("the client went away".into()));
                         }
                         self.out.clear();
                         continue;
@@ -817,34 +890,50 @@ impl Conn {
                         return Ok(a);
                     }
                     Ok(None) => {}
-                    Err(e) => return Err(Some(e)),
+                    Err(e) => return Err(HeadError::Other(e)),
                 }
             }
-            match read_more(up, &mut self.from_upstream).await {
-                Ok(0) if !got_any => return Err(None),
-                Ok(0) => return Err(Some("the answer ended in its head".into())),
+            match read_within(self.proxy.timeouts.upstream, up, &mut self.from_upstream).await {
+                Ok(0) if !got_any => return Err(HeadError::Closed),
+                Ok(0) => return Err(HeadError::Other("the answer ended in its head".into())),
                 Ok(_) => got_any = true,
-                Err(e) if !got_any && e.kind() == io::ErrorKind::ConnectionReset => return Err(None),
-                Err(e) => return Err(Some(e.to_string())),
+                Err(e) if !got_any && e.kind() == io::ErrorKind::ConnectionReset => return Err(HeadError::Closed),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(HeadError::TimedOut),
+                Err(e) => return Err(HeadError::Other(e.to_string())),
             }
         }
     }
 
-    /// Answers 502 (the client's connection then closes: its request may be half-read).
-    async fn bad_gateway(&mut self, e: &str) -> Outcome {
+    /// Answers `status` (502 or 504); the client's connection then closes (its request may be
+    /// half-read).
+    async fn bad_gateway(&mut self, status: &str, e: &str) -> Outcome {
         tracing::warn!(error = %e, "proxy: upstream unavailable");
         self.proxy.metrics.errors.add(&["proxy", "upstream_unavailable"], 1);
         let text = format!("keytrail proxy: upstream unavailable: {e}");
         self.out.clear();
-        self.out
-            .extend_from_slice(b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\n");
-        self.out
-            .extend_from_slice(format!("content-length: {}\r\nconnection: close\r\n\r\n", text.len()).as_bytes());
+        self.out.extend_from_slice(
+            format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                text.len()
+            )
+            .as_bytes(),
+        );
         self.out.extend_from_slice(text.as_bytes());
-        let _ = self.client.write_all(&self.out).await;
+        let _ = write_within(self.proxy.timeouts.client, &mut self.client, &self.out).await;
         self.out.clear();
         Outcome::Close
     }
+}
+
+const BAD_GATEWAY: &str = "502 Bad Gateway";
+const GATEWAY_TIMEOUT: &str = "504 Gateway Timeout";
+
+/// Why no answer head came.
+enum HeadError {
+    /// The upstream closed before sending a byte.
+    Closed,
+    TimedOut,
+    Other(String),
 }
 
 /// Which side of an exchange failed.
@@ -902,6 +991,11 @@ mod tests {
         for (input, want) in [
             (&b"zz\r\nab"[..], "chunk size"),
             (b"3\r\nabcd\r\n", "longer than its size"),
+            // Sizes without digits, and lines without CR, are not guessed at.
+            (b"\r\nabc", "chunk size"),
+            (b";x=1\r\nabc", "chunk size"),
+            (b"5\nhello\r\n", "CRLF"),
+            (b"5\r\nhello\n", "CRLF"),
             (&[b'1'; MAX_LINE + 1][..], "line over"),
         ] {
             let err = feed_all(&mut Chunked::default(), input, &mut Vec::new()).unwrap_err();
@@ -916,8 +1010,12 @@ mod tests {
     }
 
     fn proxy_to(url: &str) -> (Arc<Proxy>, RecordReceiver) {
+        proxy_with(url, Timeouts::default())
+    }
+
+    fn proxy_with(url: &str, timeouts: Timeouts) -> (Arc<Proxy>, RecordReceiver) {
         let (tx, rx) = record_channel();
-        let proxy = Proxy::new(
+        let mut proxy = Proxy::new(
             Upstream::parse(url).unwrap(),
             None,
             vec![http::header::AUTHORIZATION],
@@ -925,6 +1023,7 @@ mod tests {
             Arc::new(AgentMetrics::default()),
         )
         .unwrap();
+        proxy.timeouts = timeouts;
         (Arc::new(proxy), rx)
     }
 
@@ -975,6 +1074,11 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
             "GET / HTTP/1.1\r\nBad Field: x\r\n\r\n",
+            // A framing field named by Connection is not dropped here (the message would be
+            // cut differently from how its sender cut it).
+            "POST / HTTP/1.1\r\nConnection: content-length\r\nContent-Length: 40\r\n\r\n",
+            "POST / HTTP/1.1\r\nConnection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nConnection: host\r\nHost: a\r\n\r\n",
         ] {
             assert_eq!(plan(&proxy, head).1, "hyper", "{head:?}");
         }
@@ -1018,6 +1122,8 @@ mod tests {
         assert_eq!(out, "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
         let (a, _) = answer("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false, false).unwrap();
         assert_eq!(a.framing, Framing::Close);
+        let (a, _) = answer("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n", false, false).unwrap();
+        assert_eq!(a.framing, Framing::Chunked);
         let (a, _) = answer("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true, false).unwrap();
         assert_eq!(a.framing, Framing::Empty);
         for status in ["204 No Content", "304 Not Modified", "103 Early Hints"] {
@@ -1043,6 +1149,10 @@ mod tests {
             ("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "Content-Length"),
             ("HTTP/1.1 101 Switching Protocols\r\n\r\n", "101"),
             ("HTTP/9 200 OK\r\n\r\n", "unreadable"),
+            (
+                "HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "framing",
+            ),
         ] {
             let err = answer(head, false, false).err().unwrap();
             assert!(err.contains(want), "{head:?}: {err}");
@@ -1152,7 +1262,11 @@ mod tests {
     }
 
     async fn proxy_in_front(url: &str) -> (std::net::SocketAddr, Arc<Proxy>, RecordReceiver) {
-        let (proxy, rx) = proxy_to(url);
+        proxy_in_front_with(url, Timeouts::default()).await
+    }
+
+    async fn proxy_in_front_with(url: &str, t: Timeouts) -> (std::net::SocketAddr, Arc<Proxy>, RecordReceiver) {
+        let (proxy, rx) = proxy_with(url, t);
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let p = Arc::clone(&proxy);
@@ -1342,5 +1456,66 @@ mod tests {
             "{got}"
         );
         assert_eq!(proxy.metrics.errors.total(), 1);
+    }
+
+    #[tokio::test]
+    async fn silent_peers_are_given_up_on() {
+        // An upstream that reads requests and never answers.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut sink = Vec::new();
+                    while read_more(&mut s, &mut sink).await.unwrap_or(0) > 0 {}
+                });
+            }
+        });
+        let short = Duration::from_millis(200);
+        let t = Timeouts {
+            idle: short,
+            client: short,
+            upstream: short,
+        };
+        let (addr, proxy, _rx) = proxy_in_front_with(&url, t).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /echo HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        let got = String::from_utf8(got).unwrap();
+        assert!(got.starts_with("HTTP/1.1 504 Gateway Timeout\r\n"), "{got}");
+        assert!(got.ends_with("no answer within 0 s"), "{got}");
+        assert_eq!(proxy.metrics.errors.total(), 1);
+        // A client that sends nothing, or half a head, is closed on.
+        for sent in [&b""[..], b"GET /echo HTTP/1.1\r\nHo"] {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(sent).await.unwrap();
+            let mut got = Vec::new();
+            let n = tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut got))
+                .await
+                .expect("the proxy closes the connection")
+                .unwrap();
+            assert_eq!(n, 0);
+        }
+    }
+
+    #[test]
+    fn staged_exchanges_are_capped_in_bytes_too() {
+        let (proxy, _rx) = proxy_to("http://127.0.0.1:1");
+        let big = Exchange {
+            path: "/x".into(),
+            response_body: Capture {
+                bytes: vec![b'a'; CAPTURE_BYTES],
+                complete: true,
+            },
+            ..Default::default()
+        };
+        for _ in 0..70 {
+            proxy.stage(big.clone());
+        }
+        let staged = proxy.staged.lock().unwrap().list.len();
+        assert_eq!(staged, super::super::RECORD_QUEUE_BYTES / (CAPTURE_BYTES + 2));
+        assert_eq!(proxy.metrics.proxy_unrecorded.get(&["queue_full"]), 70 - staged as u64);
     }
 }

@@ -18,7 +18,7 @@
 //! * **Two paths.** License calls (HTTP/1.1, no body or a `Content-Length` one) take
 //!   [`fast`]: one task per client connection copies bytes between the two sockets, as
 //!   nginx's event loop does; an answer keeps its own framing (a chunked one its chunks and
-//!   trailers). Everything else — HTTP/2, HTTP/1.0, chunked or `Expect` requests, upgrades —
+//!   trailers, so its `Transfer-Encoding` and `Trailer` fields stay). Everything else — HTTP/2, HTTP/1.0, chunked or `Expect` requests, upgrades —
 //!   is handed to hyper ([`serve_hyper`]) at a request boundary, with the bytes read so far.
 //! * **Fail-open.** Nothing keytrail does can fail a request: recording happens after the
 //!   response body has been passed on, on another thread: finished exchanges are staged on
@@ -68,6 +68,9 @@ pub const CAPTURE_BYTES: usize = 256 * 1024;
 /// as `queue_full`. At most three such batches exist at once: staged, handed over, and the
 /// one the recorder is on.
 const RECORD_QUEUE: usize = 8192;
+/// The bytes of bodies (and paths) staged exchanges may hold together; beyond it they are
+/// counted as `queue_full` too (8,192 license calls of 2 KiB, or 64 whole captures).
+const RECORD_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// How often the proxy thread hands its finished exchanges to the recorder: one wake-up of
 /// another thread per interval instead of one per request.
 const HANDOFF_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
@@ -467,10 +470,19 @@ pub struct Proxy {
     idle: Arc<Mutex<Vec<Idle>>>,
     /// Idle upstream connections of the HTTP/1.1 path ([`fast`]), and since when.
     pooled: Mutex<Vec<(fast::UpConn, std::time::Instant)>>,
+    /// How long the HTTP/1.1 path waits for a client or the upstream.
+    timeouts: fast::Timeouts,
     recorder: RecordSender,
     /// Finished exchanges, handed to `recorder` every [`HANDOFF_EVERY`].
-    staged: Arc<Mutex<Vec<Exchange>>>,
+    staged: Mutex<Staged>,
     metrics: Arc<AgentMetrics>,
+}
+
+/// Exchanges waiting for the next hand-over, and the bytes they hold.
+#[derive(Default)]
+struct Staged {
+    list: Vec<Exchange>,
+    bytes: usize,
 }
 
 /// The response body the proxy sends: the upstream's, teed, or a short error of its own.
@@ -499,8 +511,9 @@ impl Proxy {
             tls,
             idle: Arc::new(Mutex::new(Vec::new())),
             pooled: Mutex::new(Vec::new()),
+            timeouts: fast::Timeouts::default(),
             recorder,
-            staged: Arc::default(),
+            staged: Mutex::default(),
             metrics,
         })
     }
@@ -571,9 +584,14 @@ impl Proxy {
 
     /// Stages a finished exchange for the next hand-over to the recorder.
     fn stage(&self, ex: Exchange) {
+        let bytes = ex.request_body.bytes.len()
+            + ex.response_body.bytes.len()
+            + ex.path.len()
+            + ex.query.as_ref().map_or(0, String::len);
         let mut staged = self.staged.lock().expect("staged exchanges");
-        if staged.len() < RECORD_QUEUE {
-            staged.push(ex);
+        if staged.list.len() < RECORD_QUEUE && staged.bytes + bytes <= RECORD_QUEUE_BYTES {
+            staged.list.push(ex);
+            staged.bytes += bytes;
         } else {
             self.metrics.proxy_unrecorded.add(&["queue_full"], 1);
         }
@@ -627,14 +645,18 @@ impl Proxy {
     }
 
     /// Hands the staged exchanges to the recorder when it has taken the previous batch; while
-    /// it is still on that one, they stay staged (up to [`RECORD_QUEUE`], beyond which new
-    /// exchanges are counted as `queue_full`).
+    /// it is still on that one, they stay staged (up to [`RECORD_QUEUE`] and
+    /// [`RECORD_QUEUE_BYTES`], beyond which new exchanges are counted as `queue_full`).
     fn hand_off(&self) {
         let mut staged = self.staged.lock().expect("staged exchanges");
-        if staged.is_empty() {
+        if staged.list.is_empty() {
             return;
         }
-        match self.recorder.offer(&mut staged) {
+        let offered = self.recorder.offer(&mut staged.list);
+        if staged.list.is_empty() {
+            staged.bytes = 0;
+        }
+        match offered {
             Offered::Taken | Offered::Waiting => {}
             // The recorder ended (it never does while the agent runs): count what it will
             // never take; it is not kept.
@@ -747,7 +769,7 @@ impl Drop for Proxy {
     /// exchange; that one is not recorded.)
     fn drop(&mut self) {
         if let Ok(mut staged) = self.staged.lock() {
-            self.recorder.flush(&mut staged);
+            self.recorder.flush(&mut staged.list);
         }
     }
 }
@@ -1495,7 +1517,7 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert_eq!(counted(), 3);
-        assert!(proxy.staged.lock().unwrap().is_empty());
+        assert!(proxy.staged.lock().unwrap().list.is_empty());
     }
 
     #[tokio::test]
