@@ -424,7 +424,7 @@ fn parse_answer(
             // The last coding applied decides (RFC 9112 §6.3).
             let last = std::str::from_utf8(f.value)
                 .ok()
-                .and_then(|v| v.split(',').map(str::trim).filter(|c| !c.is_empty()).last());
+                .and_then(|v| v.split(',').map(str::trim).rfind(|c| !c.is_empty()));
             chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")));
         } else if name.eq_ignore_ascii_case("content-encoding") || name.eq_ignore_ascii_case("content-type") {
             if let (Ok(n), Ok(v)) = (
