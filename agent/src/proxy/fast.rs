@@ -1518,4 +1518,82 @@ mod tests {
         assert_eq!(staged, super::super::RECORD_QUEUE_BYTES / (CAPTURE_BYTES + 2));
         assert_eq!(proxy.metrics.proxy_unrecorded.get(&["queue_full"]), 70 - staged as u64);
     }
+
+    #[test]
+    fn chunked_bodies_of_any_shape_decode_to_what_was_sent() {
+        let mut rng = fastrand::Rng::with_seed(19);
+        for _ in 0..2_000 {
+            let mut sent = Vec::new();
+            let mut body = Vec::new();
+            for _ in 0..rng.usize(0..6) {
+                let n = rng.usize(1..300);
+                let data: Vec<u8> = (0..n).map(|_| rng.u8(..)).collect();
+                let size = if rng.bool() { format!("{n:x}") } else { format!("{n:X}") };
+                let ext = if rng.bool() { ";a=b" } else { "" };
+                body.extend_from_slice(format!("{size}{ext}\r\n").as_bytes());
+                body.extend_from_slice(&data);
+                body.extend_from_slice(b"\r\n");
+                sent.extend_from_slice(&data);
+            }
+            body.extend_from_slice(b"0\r\n");
+            for _ in 0..rng.usize(0..3) {
+                body.extend_from_slice(b"X-Trailer: v\r\n");
+            }
+            body.extend_from_slice(b"\r\n");
+            let mut input = body.clone();
+            input.extend_from_slice(b"next message");
+            let mut c = Chunked::default();
+            let mut got = Vec::new();
+            let mut used = 0;
+            let mut at = 0;
+            while !c.is_done() {
+                let end = (at + rng.usize(1..64)).min(input.len());
+                let n = feed_all(&mut c, &input[at..end], &mut got).unwrap();
+                assert!(n <= end - at);
+                used += n;
+                at += n;
+                assert!(at < input.len(), "ran past the body");
+            }
+            assert_eq!((used, got), (body.len(), sent));
+        }
+    }
+
+    #[test]
+    fn heads_of_random_bytes_are_refused_or_read_never_a_panic() {
+        let (proxy, _rx) = proxy_to("http://license.example/base");
+        let seeds: [&[u8]; 4] = [
+            b"POST /v1/x?a=1 HTTP/1.1\r\nHost: a\r\nConnection: close, X\r\nContent-Length: 12\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n",
+            b"HTTP/1.0 204 No Content\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            b"4;x\r\nabcd\r\n0\r\nT: 1\r\n\r\n",
+        ];
+        let mut rng = fastrand::Rng::with_seed(4);
+        let mut out = Vec::new();
+        for i in 0..20_000 {
+            let mut input = seeds[i % seeds.len()].to_vec();
+            for _ in 0..rng.usize(1..6) {
+                let at = rng.usize(..=input.len());
+                match rng.u8(..3) {
+                    0 if at < input.len() => input[at] = rng.u8(..),
+                    1 => {
+                        let pick = b"\r\n:;, 0aZ\t";
+                        input.insert(at, pick[rng.usize(..pick.len())]);
+                    }
+                    _ => input.truncate(at.max(1)),
+                }
+            }
+            if let Parsed::Request(p) = parse_request(&proxy, &input, &mut out) {
+                assert!(p.head_len <= input.len());
+                assert!(out.starts_with(p.method.as_str().as_bytes()) && out.ends_with(b"\r\n\r\n"));
+            }
+            if let Ok(Some(a)) = parse_answer(&input, rng.bool(), rng.bool(), &mut out) {
+                assert!(a.head_len <= input.len());
+                assert!(out.starts_with(b"HTTP/1.1 ") && out.ends_with(b"\r\n\r\n"));
+            }
+            let mut c = Chunked::default();
+            if let Ok(n) = feed_all(&mut c, &input, &mut Vec::new()) {
+                assert!(n <= input.len());
+            }
+        }
+    }
 }
