@@ -695,15 +695,25 @@ impl Proxy {
             parts.headers.insert(header::HOST, h.clone());
         }
         let method = parts.method.clone();
-        let resp = match self.send(Request::from_parts(parts, body)).await {
+        let sent = tokio::time::timeout(self.timeouts.upstream, self.send(Request::from_parts(parts, body)));
+        let (status, e) = match sent.await {
+            Ok(Ok(r)) => (StatusCode::OK, Ok(r)),
+            Ok(Err(e)) => (StatusCode::BAD_GATEWAY, Err(e)),
+            Err(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                Err(format!(
+                    "{}: no answer within {} s",
+                    self.upstream.authority,
+                    self.timeouts.upstream.as_secs()
+                )),
+            ),
+        };
+        let resp = match e {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "proxy: upstream unavailable");
                 self.metrics.errors.add(&["proxy", "upstream_unavailable"], 1);
-                return Ok(plain(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("keytrail proxy: upstream unavailable: {e}"),
-                ));
+                return Ok(plain(status, &format!("keytrail proxy: upstream unavailable: {e}")));
             }
         };
         let (mut rparts, rbody) = resp.into_parts();
