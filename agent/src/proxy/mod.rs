@@ -18,8 +18,9 @@
 //! * **Two paths.** License calls (HTTP/1.1, no body or a `Content-Length` one) take
 //!   [`fast`]: one task per client connection copies bytes between the two sockets, as
 //!   nginx's event loop does; an answer keeps its own framing (a chunked one its chunks and
-//!   trailers, so its `Transfer-Encoding` and `Trailer` fields stay). Everything else — HTTP/2, HTTP/1.0, chunked or `Expect` requests, upgrades —
-//!   is handed to hyper ([`serve_hyper`]) at a request boundary, with the bytes read so far.
+//!   trailers, so its `Transfer-Encoding` and `Trailer` fields stay). Everything else —
+//!   HTTP/2, HTTP/1.0, chunked or `Expect` requests, upgrades — is handed to hyper
+//!   ([`serve_hyper`]) at a request boundary, with the bytes read so far.
 //! * **Fail-open.** Nothing keytrail does can fail a request: recording happens after the
 //!   response body has been passed on, on another thread: finished exchanges are staged on
 //!   the proxy's thread (bounded) and handed over every 50 ms as one batch (one cross-thread
@@ -775,8 +776,8 @@ fn copy_headers(from: &HeaderMap, names: &[HeaderName]) -> HeaderMap {
 
 impl Drop for Proxy {
     /// Everything staged goes to the recorder, then the recorder sees the hand-over closed.
-    /// (A response body hyper drops after the last reference to the proxy can still stage its
-    /// exchange; that one is not recorded.)
+    /// (Connections and the response bodies hyper still holds keep a reference: the proxy
+    /// drops after the last of them has staged its exchange.)
     fn drop(&mut self) {
         if let Ok(mut staged) = self.staged.lock() {
             self.recorder.flush(&mut staged.list);
