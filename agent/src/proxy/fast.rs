@@ -406,7 +406,7 @@ fn parse_answer(
     let mut chunked = None;
     let mut response_headers = HeaderMap::new();
     out.clear();
-    out.extend_from_slice(format!("HTTP/1.1 {status} ").as_bytes());
+    let _ = std::io::Write::write_fmt(out, format_args!("HTTP/1.1 {status} "));
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for f in resp.headers.iter() {
@@ -907,9 +907,7 @@ impl Conn {
     /// Answers `status` (502 or 504); the client's connection then closes (its request may be
     /// half-read).
     async fn bad_gateway(&mut self, status: &str, e: &str) -> Outcome {
-        tracing::warn!(error = %e, "proxy: upstream unavailable");
-        self.proxy.metrics.errors.add(&["proxy", "upstream_unavailable"], 1);
-        let text = format!("keytrail proxy: upstream unavailable: {e}");
+        let text = self.proxy.unavailable(e);
         self.out.clear();
         self.out.extend_from_slice(
             format!(

@@ -583,6 +583,13 @@ impl Proxy {
         }
     }
 
+    /// Logs and counts an upstream failure; the text of the client's 502 or 504.
+    fn unavailable(&self, e: &str) -> String {
+        tracing::warn!(error = %e, "proxy: upstream unavailable");
+        self.metrics.errors.add(&["proxy", "upstream_unavailable"], 1);
+        format!("keytrail proxy: upstream unavailable: {e}")
+    }
+
     /// Stages a finished exchange for the next hand-over to the recorder.
     fn stage(&self, ex: Exchange) {
         let bytes = ex.request_body.bytes.len()
@@ -697,24 +704,16 @@ impl Proxy {
         }
         let method = parts.method.clone();
         let sent = tokio::time::timeout(self.timeouts.upstream, self.send(Request::from_parts(parts, body)));
-        let (status, e) = match sent.await {
-            Ok(Ok(r)) => (StatusCode::OK, Ok(r)),
-            Ok(Err(e)) => (StatusCode::BAD_GATEWAY, Err(e)),
-            Err(_) => (
-                StatusCode::GATEWAY_TIMEOUT,
-                Err(format!(
+        let resp = match sent.await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Ok(plain(StatusCode::BAD_GATEWAY, &self.unavailable(&e))),
+            Err(_) => {
+                let e = format!(
                     "{}: no answer within {} s",
                     self.upstream.authority,
                     self.timeouts.upstream.as_secs()
-                )),
-            ),
-        };
-        let resp = match e {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "proxy: upstream unavailable");
-                self.metrics.errors.add(&["proxy", "upstream_unavailable"], 1);
-                return Ok(plain(status, &format!("keytrail proxy: upstream unavailable: {e}")));
+                );
+                return Ok(plain(StatusCode::GATEWAY_TIMEOUT, &self.unavailable(&e)));
             }
         };
         let (mut rparts, rbody) = resp.into_parts();
