@@ -1457,6 +1457,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn hyper_closes_on_clients_that_leave_a_head_unfinished() {
+        let (url, _accepted) = scripted_upstream().await;
+        let short = Duration::from_millis(200);
+        let t = Timeouts {
+            idle: Duration::from_secs(300),
+            client: short,
+            upstream: Duration::from_secs(60),
+        };
+        let (addr, _proxy, _rx) = proxy_in_front_with(&url, t).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        // A chunked request: the connection is hyper's from here on.
+        c.write_all(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = vec![0; 200];
+        let n = c.read(&mut got).await.unwrap();
+        assert!(String::from_utf8_lossy(&got[..n]).ends_with("POST /echo 3"));
+        c.write_all(b"GET /echo HTTP/1.1\r\nHo").await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut got))
+            .await
+            .expect("the proxy closes the connection")
+            .ok();
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.is_empty() || got.starts_with("HTTP/1.1 408"), "{got}");
+    }
+
+    #[tokio::test]
     async fn silent_peers_are_given_up_on() {
         // An upstream that reads requests and never answers.
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -861,10 +861,18 @@ async fn serve_hyper<I>(proxy: Arc<Proxy>, io: I)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let head_within = proxy.timeouts.client;
     let service = service_fn(move |req| Arc::clone(&proxy).handle(req));
-    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-        .serve_connection(TokioIo::new(io), service)
-        .await;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // An HTTP/1 client that does not complete a request head within the client timeout is
+    // closed on, as on the HTTP/1.1 path. hyper's timer runs between requests too, so an idle
+    // kept-alive connection here closes after that time (60 s, nginx's default is 75 s), not
+    // after the HTTP/1.1 path's 5 minutes. HTTP/2 connections have no idle limit.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(head_within);
+    let _ = builder.serve_connection(TokioIo::new(io), service).await;
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
