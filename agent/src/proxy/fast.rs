@@ -19,7 +19,8 @@
 //! an answer is a 502, so no two peers cut a message differently. Chunked bodies are read
 //! strictly (hex sizes, CRLF lines). [`Timeouts`]: a kept-alive client connection closes after
 //! 5 minutes without a request; within an exchange, 60 s without a byte moving closes it (and
-//! a client whose upstream sent no answer head gets a 504).
+//! a client whose upstream sent no answer head gets a 504). A connection handed to hyper has
+//! 60 s for each HTTP/1 request head, idle time included.
 
 use std::io;
 use std::pin::Pin;
@@ -51,6 +52,8 @@ pub struct Timeouts {
     /// A kept-alive client connection that starts no request for this long is closed.
     pub idle: Duration,
     /// Within a request or its answer, the longest wait for the client to send or take a byte.
+    /// On connections handed to hyper (HTTP/1): the deadline for a whole request head,
+    /// counted from the end of the previous answer, so also their idle limit.
     pub client: Duration,
     /// The longest wait for the upstream to take or send a byte (nginx's
     /// `proxy_read_timeout`); before its answer starts, the client gets a 504.
@@ -1474,14 +1477,18 @@ mod tests {
         let mut got = vec![0; 200];
         let n = c.read(&mut got).await.unwrap();
         assert!(String::from_utf8_lossy(&got[..n]).ends_with("POST /echo 3"));
+        // hyper's deadline for the next head runs from here: half a head does not reset it.
         c.write_all(b"GET /echo HTTP/1.1\r\nHo").await.unwrap();
         let mut got = Vec::new();
         tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut got))
             .await
             .expect("the proxy closes the connection")
             .ok();
-        let got = String::from_utf8_lossy(&got);
-        assert!(got.is_empty() || got.starts_with("HTTP/1.1 408"), "{got}");
+        assert!(
+            got.is_empty(),
+            "closed without an answer: {:?}",
+            String::from_utf8_lossy(&got)
+        );
     }
 
     #[tokio::test]

@@ -865,9 +865,11 @@ where
     let service = service_fn(move |req| Arc::clone(&proxy).handle(req));
     let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     // An HTTP/1 client that does not complete a request head within the client timeout is
-    // closed on, as on the HTTP/1.1 path. hyper's timer runs between requests too, so an idle
-    // kept-alive connection here closes after that time (60 s, nginx's default is 75 s), not
-    // after the HTTP/1.1 path's 5 minutes. HTTP/2 connections have no idle limit.
+    // closed on (without an answer). Unlike the HTTP/1.1 path's per-read limit, hyper's is
+    // one deadline for the whole head, and it starts when the previous answer ends: an idle
+    // kept-alive connection here closes after that time (60 s; nginx's default is 75 s), not
+    // after the HTTP/1.1 path's 5 minutes. HTTP/2 connections have no idle limit, and bodies
+    // on this path no byte timeout.
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
