@@ -1,13 +1,15 @@
 //! `keytrail-proxy-bench`: the latency the agent's proxy adds to a license call, against a
 //! direct connection and against nginx as a reverse proxy, measured in the same run.
 //!
-//! keytrail-proxy-bench [--requests 20000] [--rounds 3] [--seconds 5] [--targets keytrail,nginx]
+//! keytrail-proxy-bench [--requests 20000] [--rounds 3] [--seconds 5] [--targets keytrail,nginx[,nginx-log]]
 //!
 //! Starts a Keygen-shaped upstream (keep-alive, answers a validate-key call), a keytrail agent
 //! with `[proxy] adapter = "keygen"` in front of it (recording every call into its durable
 //! buffer; no collector, so nothing is shipped), and nginx (`proxy_pass` with upstream
 //! keep-alive, one worker, no access log, keep-alive without a request limit) if `nginx` is
-//! installed (`scripts/bench-deps.sh`).
+//! installed (`scripts/bench-deps.sh`). Named in `--targets`, `nginx-log` adds nginx writing an
+//! access log (buffered, flushed every 50 ms) that a thread of the bench `fdatasync`s every 50 ms:
+//! a proxy that keeps a durable record of each call at the least cost.
 //! Per round and target: sequential requests on one keep-alive connection (p50/p99 latency),
 //! then 16 connections for `--seconds` (requests/s). Targets are interleaved round by round;
 //! medians over rounds are printed as Markdown. With `BENCH_TRACE=prefix`, each target's
@@ -160,7 +162,9 @@ fn throughput(addr: SocketAddr, conns: usize, seconds: u64) -> f64 {
     total as f64 / start.elapsed().as_secs_f64()
 }
 
-fn nginx(dir: &Path, upstream: SocketAddr) -> Option<(Child, SocketAddr)> {
+/// nginx in front of `upstream`, from `dir/<name>`; with `log`, writing its access log there
+/// (buffered, flushed every 50 ms) instead of none.
+fn nginx(dir: &Path, name: &str, upstream: SocketAddr, log: Option<&Path>) -> Option<(Child, SocketAddr)> {
     let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .find(|p| Path::new(p).exists())?;
@@ -169,18 +173,19 @@ fn nginx(dir: &Path, upstream: SocketAddr) -> Option<(Child, SocketAddr)> {
         .local_addr()
         .unwrap()
         .port();
-    let prefix = dir.join("nginx");
+    let prefix = dir.join(name);
     std::fs::create_dir_all(prefix.join("logs")).unwrap();
     let conf = prefix.join("nginx.conf");
     std::fs::write(
         &conf,
         format!(
             "daemon off;\nworker_processes 1;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 1024; }}\n\
-             http {{\n access_log off;\n keepalive_requests 10000000;\n\
+             http {{\n access_log {access};\n keepalive_requests 10000000;\n\
              upstream license {{ server {upstream}; keepalive 32; keepalive_requests 10000000; }}\n\
              server {{\n  listen 127.0.0.1:{port};\n  location / {{\n   proxy_pass http://license;\n   proxy_http_version 1.1;\n   proxy_set_header Connection \"\";\n  }}\n }}\n}}\n",
             pid = prefix.join("nginx.pid").display(),
             err = prefix.join("logs/error.log").display(),
+            access = log.map_or("off".to_string(), |l| format!("{} combined buffer=64k flush=50ms", l.display())),
         ),
     )
     .unwrap();
@@ -247,10 +252,35 @@ fn main() {
             .is_none_or(|o| o.iter().any(|t| name.starts_with(t.as_str())))
     };
     let ng = if wanted("nginx") {
-        nginx(sb.path("").as_path(), up.addr)
+        nginx(sb.path("").as_path(), "nginx", up.addr, None)
     } else {
         None
     };
+    // Only when asked for by name: nginx whose access log is made durable every 50 ms by a
+    // thread of this process (`fdatasync`), the least a proxy that keeps a durable record of
+    // every call has to do: what keytrail's recording costs beyond that, and what durability
+    // itself costs on cores shared with the client and the upstream.
+    let logged_path = sb.path("nginx-log.access");
+    let logged = if only.as_ref().is_some_and(|o| o.iter().any(|t| t == "nginx-log")) {
+        nginx(sb.path("").as_path(), "nginx-log", up.addr, Some(&logged_path))
+    } else {
+        None
+    };
+    let syncing = Arc::new(std::sync::atomic::AtomicBool::new(logged.is_some()));
+    let syncer = logged.as_ref().map(|_| {
+        let (syncing, path) = (Arc::clone(&syncing), logged_path.clone());
+        std::thread::spawn(move || {
+            let file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap_or_else(|e| die(&format!("opening {}: {e}", path.display())));
+            while syncing.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+                file.sync_data()
+                    .unwrap_or_else(|e| die(&format!("syncing {}: {e}", path.display())));
+            }
+        })
+    });
     if ng.is_none() {
         eprintln!("nginx not found: run scripts/bench-deps.sh for the side-by-side figures");
     }
@@ -260,6 +290,9 @@ fn main() {
     }
     if let Some((_, a)) = &ng {
         targets.push(("nginx", *a));
+    }
+    if let Some((_, a)) = &logged {
+        targets.push(("nginx, access log synced every 50 ms", *a));
     }
     let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); targets.len()];
     for round in 0..rounds {
@@ -302,7 +335,11 @@ fn main() {
         status["proxy"]["unrecorded_total"],
         status["proxy"]["unrecorded_by_reason"]
     );
-    if let Some((mut child, _)) = ng {
+    syncing.store(false, std::sync::atomic::Ordering::Relaxed);
+    if let Some(s) = syncer {
+        let _ = s.join();
+    }
+    for (mut child, _) in ng.into_iter().chain(logged) {
         // SIGTERM, not SIGKILL: the master stops its worker too (a killed master leaves the
         // worker running).
         // SAFETY: sending a signal to our own child process id.
