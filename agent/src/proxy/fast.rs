@@ -9,7 +9,8 @@
 //! hop-by-hop fields; a chunked answer keeps its chunks, trailers included.
 //!
 //! Handed to hyper ([`super::serve_hyper`]) with the bytes read so far, always at a request
-//! boundary: HTTP/2 (prior knowledge), HTTP/1.0, a request with `Transfer-Encoding`,
+//! boundary: HTTP/2 (prior knowledge; once its whole preface has arrived under this path's
+//! timeouts, since hyper's version sniffing waits for it without a limit), HTTP/1.0, a request with `Transfer-Encoding`,
 //! `Expect` or `Upgrade`, `CONNECT`, targets not in origin form, heads over [`MAX_HEAD`]
 //! bytes or [`MAX_FIELDS`] fields, and whatever httparse refuses. hyper serves or refuses
 //! those as it always did, and keeps the connection from then on.
@@ -301,10 +302,20 @@ fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// What an HTTP/2 client with prior knowledge sends first (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// Reads a request head from `buf` and writes the upstream's version of it into `out`.
 fn parse_request(proxy: &Proxy, buf: &[u8], out: &mut Vec<u8>) -> Parsed {
     if buf.starts_with(b"PRI ") {
-        return Parsed::Hyper;
+        // HTTP/2 with prior knowledge: hyper's version sniffing reads up to the whole
+        // preface with no time limit, so it gets the connection only once the preface is
+        // here, read under this path's timeouts; a client that stalls inside it is closed.
+        return if buf.len() >= H2_PREFACE.len() || !H2_PREFACE.starts_with(buf) {
+            Parsed::Hyper
+        } else {
+            Parsed::Partial
+        };
     }
     let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
     let mut req = httparse::Request::new(&mut fields);
@@ -1489,6 +1500,32 @@ mod tests {
             "closed without an answer: {:?}",
             String::from_utf8_lossy(&got)
         );
+    }
+
+    #[tokio::test]
+    async fn clients_that_stall_inside_the_http2_preface_are_closed() {
+        let (url, _accepted) = scripted_upstream().await;
+        let t = Timeouts {
+            idle: Duration::from_secs(300),
+            client: Duration::from_millis(200),
+            upstream: Duration::from_secs(60),
+        };
+        let (addr, _proxy, _rx) = proxy_in_front_with(&url, t).await;
+        // hyper's version sniffing would wait for the rest of the preface forever.
+        for part in ["PRI ", "PRI * HTTP/2.0\r\n\r\nSM\r\n"] {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(part.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("the proxy closes a connection stalled after {part:?}"))
+                .ok();
+            assert!(
+                got.is_empty(),
+                "closed without an answer: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+        }
     }
 
     #[tokio::test]
