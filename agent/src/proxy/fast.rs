@@ -10,10 +10,11 @@
 //!
 //! Handed to hyper ([`super::serve_hyper`]) with the bytes read so far, always at a request
 //! boundary: HTTP/2 (prior knowledge; once its whole preface has arrived under this path's
-//! timeouts, since hyper's version sniffing waits for it without a limit), HTTP/1.0, a request with `Transfer-Encoding`,
-//! `Expect` or `Upgrade`, `CONNECT`, targets not in origin form, heads over [`MAX_HEAD`]
-//! bytes or [`MAX_FIELDS`] fields, and whatever httparse refuses. hyper serves or refuses
-//! those as it always did, and keeps the connection from then on.
+//! timeouts, since hyper's version sniffing waits for it without a limit), HTTP/1.0, a
+//! request with `Transfer-Encoding`, `Expect` or `Upgrade`, `CONNECT`, targets not in origin
+//! form, heads over [`MAX_HEAD`] bytes or [`MAX_FIELDS`] fields, and whatever httparse
+//! refuses. hyper serves or refuses those as it always did, and keeps the connection from
+//! then on.
 //!
 //! A field named by `Connection` is dropped like the hop-by-hop ones, unless it frames the
 //! message (`Content-Length`, `Transfer-Encoding`, …): such a request goes to hyper and such
