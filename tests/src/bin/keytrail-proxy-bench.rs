@@ -266,7 +266,7 @@ fn main() {
     } else {
         None
     };
-    let syncing = Arc::new(std::sync::atomic::AtomicBool::new(logged.is_some()));
+    let syncing = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let syncer = logged.as_ref().map(|_| {
         let (syncing, path) = (Arc::clone(&syncing), logged_path.clone());
         std::thread::spawn(move || {
