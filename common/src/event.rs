@@ -344,8 +344,7 @@ pub fn is_country_code(s: &str) -> bool {
 }
 
 /// A rejected ingest request: what the agent answers with 400.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("event {index:?}: {field:?}: {message}")]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IngestError {
     /// Machine-readable reason: `invalid_json`, `unknown_field`, `missing_field`, `invalid_type`,
     /// `invalid_value`, `too_long`, `too_many`, `empty_body`.
@@ -354,6 +353,36 @@ pub struct IngestError {
     /// Index of the offending event in the request (array position or NDJSON line among events).
     pub index: Option<usize>,
     pub field: Option<String>,
+}
+
+/// `event 3, field "plan": message`; the parts not known are left out.
+impl std::fmt::Display for IngestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.index, &self.field) {
+            (Some(i), Some(field)) => write!(f, "event {i}, field {field:?}: ")?,
+            (Some(i), None) => write!(f, "event {i}: ")?,
+            (None, Some(field)) => write!(f, "field {field:?}: ")?,
+            (None, None) => {}
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for IngestError {}
+
+#[cfg(test)]
+#[test]
+fn ingest_errors_name_the_event_and_field_they_know() {
+    let e = |index, field: Option<&str>| IngestError {
+        code: "invalid_value",
+        message: "bad".into(),
+        index,
+        field: field.map(String::from),
+    };
+    assert_eq!(e(Some(3), Some("plan")).to_string(), r#"event 3, field "plan": bad"#);
+    assert_eq!(e(Some(0), None).to_string(), "event 0: bad");
+    assert_eq!(e(None, Some("time")).to_string(), r#"field "time": bad"#);
+    assert_eq!(e(None, None).to_string(), "bad");
 }
 
 impl IngestError {
