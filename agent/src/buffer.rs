@@ -48,6 +48,11 @@
 //! leaf over about 128 KiB to a blob file of its own (created, synced, deleted), so raw
 //! chunks cost about 550 bytes of disk writes per 128-byte event (docs/benchmarks.md).
 //!
+//! An appender may build its chunks itself, cut and compressed the same way ([`Chunker`]), and
+//! hand them over whole ([`Appender::append_chunks`]); the writer stores them as they are. The
+//! proxy's recorder does, on its background thread, so the writer (which every ingest request
+//! waits for) does not compress them.
+//!
 //! # Rules
 //!
 //! * **Acknowledge after flush.** A writer thread takes every waiting append, writes them as
@@ -484,34 +489,119 @@ impl ChunkCompressor {
 fn chunk_units(appends: &[Append], max_events: u32, max_bytes: usize) -> Vec<(&[u8], u32)> {
     let mut units = Vec::with_capacity(appends.len());
     for a in appends {
-        let records = &a.records[..];
-        if a.count <= max_events && records.len() <= max_bytes {
-            units.push((records, a.count));
-            continue;
-        }
-        let spans = match wire::record_spans(records) {
-            Ok(spans) if spans.len() == a.count as usize => spans,
-            // Not cut when its records do not parse (ingest built them, so this does not
-            // happen; the sealer would find out).
-            _ => {
-                units.push((records, a.count));
-                continue;
-            }
-        };
-        let (mut start, mut end, mut n) = (0, 0, 0u32);
-        for (at, len) in spans {
-            if n > 0 && (n >= max_events || at + len - start > max_bytes) {
-                units.push((&records[start..end], n));
-                (start, n) = (at, 0);
-            }
-            end = at + len;
-            n += 1;
-        }
-        if n > 0 {
-            units.push((&records[start..end], n));
+        if let Payload::Records { records, count } = &a.payload {
+            units_of(records, *count, max_events, max_bytes, &mut units);
         }
     }
     units
+}
+
+/// [`chunk_units`] of one append's records.
+fn units_of<'a>(records: &'a [u8], count: u32, max_events: u32, max_bytes: usize, units: &mut Vec<(&'a [u8], u32)>) {
+    if count <= max_events && records.len() <= max_bytes {
+        units.push((records, count));
+        return;
+    }
+    let spans = match wire::record_spans(records) {
+        Ok(spans) if spans.len() == count as usize => spans,
+        // Not cut when its records do not parse (ingest built them, so this does not
+        // happen; the sealer would find out).
+        _ => {
+            units.push((records, count));
+            return;
+        }
+    };
+    let (mut start, mut end, mut n) = (0, 0, 0u32);
+    for (at, len) in spans {
+        if n > 0 && (n >= max_events || at + len - start > max_bytes) {
+            units.push((&records[start..end], n));
+            (start, n) = (at, 0);
+        }
+        end = at + len;
+        n += 1;
+    }
+    if n > 0 {
+        units.push((&records[start..end], n));
+    }
+}
+
+/// Chunk records of `units` in order: each chunk the next unit and those after it while they
+/// fit `max_events` and `max_bytes` (a unit is never larger, see [`chunk_units`]). Returns
+/// each chunk's record, events and bytes of records.
+fn build_chunks(
+    units: &[(&[u8], u32)],
+    max_events: u32,
+    max_bytes: usize,
+    arrived: UnixNanos,
+    compressor: &mut ChunkCompressor,
+) -> Vec<PreparedChunk> {
+    let mut chunks = Vec::new();
+    let mut rest = units;
+    while !rest.is_empty() {
+        // One chunk: the next unit, and those after it while they fit.
+        let (mut len, mut count) = (rest[0].0.len(), rest[0].1);
+        let mut n = 1;
+        while n < rest.len() && len + rest[n].0.len() <= max_bytes && count.saturating_add(rest[n].1) <= max_events {
+            len += rest[n].0.len();
+            count += rest[n].1;
+            n += 1;
+        }
+        let (parts, later) = rest.split_at(n);
+        rest = later;
+        if count == 0 {
+            continue;
+        }
+        let parts: Vec<&[u8]> = parts.iter().map(|u| u.0).collect();
+        chunks.push(PreparedChunk {
+            record: compressor.record(count, arrived, &parts, len),
+            count,
+            len,
+        });
+    }
+    chunks
+}
+
+/// One chunk record, built and compressed, with its events and bytes of records.
+pub struct PreparedChunk {
+    record: Vec<u8>,
+    count: u32,
+    len: usize,
+}
+
+#[cfg(test)]
+impl PreparedChunk {
+    /// The chunk's records, decompressed.
+    pub fn records_for_tests(&self) -> Vec<u8> {
+        parse_chunk(&self.record).unwrap().records().unwrap().into_owned()
+    }
+}
+
+/// Builds chunk records the way the writer does — cut to the chunk limits, compressed from
+/// [`COMPRESS_MIN_BYTES`] — on the caller's thread, for [`Appender::append_chunks`]: the
+/// proxy's recorder compresses its batches on a background thread ([`crate::proxy`]) instead
+/// of on the writer, which every request waits for.
+pub struct Chunker {
+    max_events: u32,
+    max_bytes: usize,
+    compressor: ChunkCompressor,
+}
+
+impl Chunker {
+    #[cfg(test)]
+    pub fn for_tests(max_events: u32, max_bytes: usize, zstd_level: i32) -> Chunker {
+        Chunker {
+            max_events,
+            max_bytes,
+            compressor: ChunkCompressor::new(zstd_level),
+        }
+    }
+
+    /// The chunks of `count` wire records, stamped as arriving now.
+    pub fn chunks(&mut self, records: &[u8], count: u32) -> Vec<PreparedChunk> {
+        let mut units = Vec::new();
+        units_of(records, count, self.max_events, self.max_bytes, &mut units);
+        build_chunks(&units, self.max_events, self.max_bytes, now_ns(), &mut self.compressor)
+    }
 }
 
 /// A compressed (version 2) chunk record of `records`.
@@ -1256,19 +1346,23 @@ impl Buffer {
             .name("keytrail-buffer-writer".into())
             .spawn(move || buffer.writer_loop(rx))
             .expect("spawning the buffer writer thread");
-        Appender { tx }
+        Appender {
+            tx,
+            chunk_limits: chunk_limits(&self.limits),
+            zstd_level: self.limits.zstd_level,
+        }
     }
 
     fn writer_loop(&self, mut rx: mpsc::Receiver<Append>) {
         let mut group: Vec<Append> = Vec::new();
         let mut compressor = ChunkCompressor::new(self.limits.zstd_level);
         while let Some(first) = rx.blocking_recv() {
-            let mut bytes = first.records.len();
+            let mut bytes = first.payload.len();
             group.push(first);
             while bytes < MAX_GROUP_BYTES {
                 match rx.try_recv() {
                     Ok(a) => {
-                        bytes += a.records.len();
+                        bytes += a.payload.len();
                         group.push(a);
                     }
                     Err(_) => break,
@@ -1310,7 +1404,7 @@ impl Buffer {
         let arrived = now_ns();
         let mut accepted: Vec<Append> = Vec::with_capacity(group.len());
         for a in group.drain(..) {
-            let size = a.records.len() as u64 + 17;
+            let size = a.payload.len() as u64 + 17;
             match self.make_room(size) {
                 Ok(()) => {
                     self.refused_for_space.store(0, Ordering::Relaxed);
@@ -1332,25 +1426,13 @@ impl Buffer {
         // compressed) before the state lock is taken.
         let (max_events, max_bytes) = chunk_limits(&self.limits);
         let units = chunk_units(&accepted, max_events, max_bytes);
-        let mut chunks = Vec::new();
-        let mut rest = &units[..];
-        while !rest.is_empty() {
-            // One chunk: the next unit, and those after it while they fit.
-            let (mut len, mut count) = (rest[0].0.len(), rest[0].1);
-            let mut n = 1;
-            while n < rest.len() && len + rest[n].0.len() <= max_bytes && count.saturating_add(rest[n].1) <= max_events
-            {
-                len += rest[n].0.len();
-                count += rest[n].1;
-                n += 1;
+        let mut chunks = build_chunks(&units, max_events, max_bytes, arrived, compressor);
+        drop(units);
+        // Chunks built by the appender (`Appender::append_chunks`) go in as they are.
+        for a in &mut accepted {
+            if let Payload::Chunks(prepared) = &mut a.payload {
+                chunks.append(prepared);
             }
-            let (parts, later) = rest.split_at(n);
-            rest = later;
-            if count == 0 {
-                continue;
-            }
-            let parts: Vec<&[u8]> = parts.iter().map(|u| u.0).collect();
-            chunks.push((compressor.record(count, arrived, &parts, len), count, len));
         }
         let mut batch = sled::Batch::default();
         let mut added_events = 0u64;
@@ -1358,7 +1440,7 @@ impl Buffer {
         let mut added_len = 0u64;
         {
             let mut st = self.state.lock().expect("buffer state");
-            for (r, count, len) in chunks {
+            for PreparedChunk { record: r, count, len } in chunks {
                 added_bytes += r.len() as u64;
                 added_len += len as u64;
                 added_events += count as u64;
@@ -1877,23 +1959,61 @@ impl Buffer {
 }
 
 struct Append {
-    records: Vec<u8>,
-    count: u32,
+    payload: Payload,
     reply: oneshot::Sender<Result<(), AppendError>>,
+}
+
+/// What an append holds.
+enum Payload {
+    /// Wire records, cut and compressed by the writer.
+    Records { records: Vec<u8>, count: u32 },
+    /// Chunk records built by a [`Chunker`].
+    Chunks(Vec<PreparedChunk>),
+}
+
+impl Payload {
+    /// Bytes of records (uncompressed), what the cap and the group size count.
+    fn len(&self) -> usize {
+        match self {
+            Payload::Records { records, .. } => records.len(),
+            Payload::Chunks(chunks) => chunks.iter().map(|c| c.len).sum(),
+        }
+    }
 }
 
 /// Cheap handle for adding events; cloned into every request handler.
 #[derive(Clone)]
 pub struct Appender {
     tx: mpsc::Sender<Append>,
+    /// Events and bytes per chunk ([`chunk_limits`]), and the zstd level, for [`Chunker`]s.
+    chunk_limits: (u32, usize),
+    zstd_level: i32,
 }
 
 impl Appender {
     /// Makes `count` wire records durable; resolves after the group commit's flush.
     pub async fn append(&self, records: Vec<u8>, count: u32) -> Result<(), AppendError> {
+        self.send(Payload::Records { records, count }).await
+    }
+
+    /// Makes chunks built by a [`Chunker`] durable, as [`Appender::append`] does.
+    pub async fn append_chunks(&self, chunks: Vec<PreparedChunk>) -> Result<(), AppendError> {
+        self.send(Payload::Chunks(chunks)).await
+    }
+
+    /// A chunk builder with this buffer's limits and compression level.
+    pub fn chunker(&self) -> Chunker {
+        Chunker {
+            max_events: self.chunk_limits.0,
+            max_bytes: self.chunk_limits.1,
+            compressor: ChunkCompressor::new(self.zstd_level),
+        }
+    }
+
+    async fn send(&self, payload: Payload) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Append { records, count, reply })
+            .send(Append { payload, reply })
             .await
             .map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
@@ -2073,7 +2193,10 @@ mod tests {
             let (records, count) = records(next..next + n);
             next += n;
             let (reply, rx) = oneshot::channel();
-            group.push(Append { records, count, reply });
+            group.push(Append {
+                payload: Payload::Records { records, count },
+                reply,
+            });
             replies.push(rx);
         }
         b.commit_group(&mut group, &mut ChunkCompressor::new(1));
@@ -2108,7 +2231,10 @@ mod tests {
             let (records, count) = records(*next..*next + n);
             *next += n;
             let (reply, rx) = oneshot::channel();
-            group.push(Append { records, count, reply });
+            group.push(Append {
+                payload: Payload::Records { records, count },
+                reply,
+            });
             replies.push(rx);
         }
         b.commit_group(&mut group, z);
@@ -2219,6 +2345,52 @@ mod tests {
         assert_eq!(ids, want);
         drop(b);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn chunks_built_off_the_writer_are_stored_as_the_writer_builds_them() {
+        // Batches of 4,000 (chunks of at most 1,000 events); one buffer gets chunks built by a
+        // Chunker, the other the same records through `append`.
+        let mut stored = Vec::new();
+        for prepared in [true, false] {
+            let dir = tmp(if prepared { "prepared" } else { "unprepared" });
+            let b = Buffer::open(
+                &dir,
+                Some("a"),
+                limits(64 << 20, WhenFull::Reject, 4_000),
+                Arc::default(),
+            )
+            .unwrap();
+            let app = b.start_writer();
+            let mut chunker = app.chunker();
+            for range in [0..10, 10..2_510, 2_510..2_530] {
+                let (recs, n) = records(range);
+                if prepared {
+                    app.append_chunks(chunker.chunks(&recs, n)).await.unwrap();
+                } else {
+                    app.append(recs, n).await.unwrap();
+                }
+            }
+            let versions = chunk_versions(&b);
+            assert_eq!(b.counts().pending_events, 2_530);
+            while b.seal_one().unwrap().is_some() {}
+            let (sizes, ids) = ship_all(&b);
+            let want: Vec<String> = (0..2_530).map(|i| event(i).id).collect();
+            assert_eq!(ids, want);
+            stored.push((versions, sizes));
+            shut(b, app);
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+        let (versions, _) = &stored[0];
+        let want = [
+            (CHUNK_RAW, 10),
+            (CHUNK_ZSTD, 1_000),
+            (CHUNK_ZSTD, 1_000),
+            (CHUNK_ZSTD, 500),
+            (CHUNK_RAW, 20),
+        ];
+        assert_eq!(versions, &want, "cut at 1,000 events, compressed from 16 KiB");
+        assert_eq!(stored[0], stored[1]);
     }
 
     #[test]

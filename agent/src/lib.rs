@@ -87,18 +87,17 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         );
         let recorder = proxy::run_recorder(
             rx,
-            adapter,
+            Arc::from(adapter),
             Fingerprinter::from_file(&config.fingerprint_secret_file).map_err(anyhow::Error::msg)?,
             defaults,
             appender.clone(),
             Arc::clone(&metrics),
         );
-        // Recording runs on a thread of its own, off the request path, at the normal priority:
-        // it yields its core every few dozen exchanges, so a request's thread woken there waits
-        // little behind it. At nice +10 it fell behind once the proxy's own HTTP/1.1 path made
-        // it faster: under a saturating load, 0.7-2.4 % of calls went unrecorded (`queue_full`);
-        // at the normal priority none did, at no measurable cost in latency
-        // (docs/benchmarks.md, session 19).
+        // Recording runs on a thread of its own, off the request path, at the normal priority;
+        // its CPU work goes to a background thread at the lowest one, which it helps when that
+        // falls behind (`proxy::encode`). A whole recorder at a low priority fell behind under
+        // a saturating load: at nice +10, 0.7-2.4 % of calls went unrecorded (`queue_full`,
+        // docs/benchmarks.md, session 19); at SCHED_IDLE, 0.9-12 % (session 21).
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         recorder_done = Some(done_rx);
         // Detached: at shutdown the agent waits for `done_rx` (bounded), not for the thread.

@@ -33,6 +33,7 @@
 //!   events in the ingest schema with `license_key` / `machine` raw, and the same parser as
 //!   `POST /v1/events` pseudonymises them before anything is written.
 
+pub mod encode;
 pub mod fast;
 pub mod generic;
 pub mod gumroad;
@@ -84,8 +85,6 @@ const IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Events one exchange may turn into.
 const MAX_EVENTS_PER_EXCHANGE: usize = 16;
-/// Exchanges the recorder handles between two yields of its thread (~100 µs of work).
-const YIELD_EVERY: usize = 32;
 
 /// Reasons an exchange was not recorded (`keytrail_proxy_unrecorded_total{reason}`).
 pub const UNRECORDED_REASONS: [&[&str]; 7] = [
@@ -126,9 +125,10 @@ pub struct Exchange {
     pub decoded: Decoded,
 }
 
-/// A decompressed copy of a response body, made on first use.
+/// A decompressed copy of a response body, made on first use. A clone takes the copy only if
+/// it is made (it never waits for a thread making it).
 #[derive(Debug, Clone, Default)]
-pub struct Decoded(std::cell::OnceCell<Result<Vec<u8>, Unreadable>>);
+pub struct Decoded(std::sync::OnceLock<Result<Vec<u8>, Unreadable>>);
 
 impl Exchange {
     /// A query parameter, percent-decoded.
@@ -889,7 +889,7 @@ impl Drop for AbortOnDrop {
 pub struct RecorderDefaults {
     pub agent_id: String,
     pub context: Context,
-    pub ids: EventIds,
+    pub ids: Arc<EventIds>,
     now: std::cell::Cell<UnixNanos>,
     /// Corrects the exchange times (this host's clock against the collector's).
     clock: Arc<crate::ship::AgentClock>,
@@ -900,9 +900,20 @@ impl RecorderDefaults {
         RecorderDefaults {
             agent_id,
             context,
-            ids: EventIds::new(),
+            ids: Arc::new(EventIds::new()),
             now: std::cell::Cell::new(0),
             clock,
+        }
+    }
+
+    /// Defaults for another recording thread: the same agent, context, clock and ids.
+    pub fn for_another_thread(&self) -> Self {
+        RecorderDefaults {
+            agent_id: self.agent_id.clone(),
+            context: self.context.clone(),
+            ids: Arc::clone(&self.ids),
+            now: std::cell::Cell::new(0),
+            clock: Arc::clone(&self.clock),
         }
     }
 }
@@ -925,32 +936,45 @@ impl IngestDefaults for RecorderDefaults {
 /// Records exchanges off the request path: adapter → ingest parser (pseudonymisation,
 /// validation) → buffer. Exchanges that arrived together go into one append (one group
 /// commit). Never blocks the proxy: the proxy only offers it batches ([`RecordSender`]).
+/// The CPU work (adapter, validation, compression) runs on a background thread at the lowest
+/// priority, with this one taking over when that falls behind ([`encode`]).
 pub async fn run_recorder(
     mut rx: RecordReceiver,
-    adapter: Box<dyn Adapter>,
+    adapter: Arc<dyn Adapter>,
     fingerprinter: Fingerprinter,
     defaults: RecorderDefaults,
     appender: Appender,
     metrics: Arc<AgentMetrics>,
 ) {
+    let mut encoder = encode::Encoder::start(
+        encode::Encoding {
+            adapter,
+            fingerprinter,
+            defaults,
+        },
+        appender.chunker(),
+    );
     let mut exchanges = Vec::new();
     while rx.recv_many(&mut exchanges).await > 0 {
-        let mut records = Vec::with_capacity(exchanges.len() * 256);
-        let mut count = 0u32;
-        for (i, ex) in exchanges.drain(..).enumerate() {
-            if i % YIELD_EVERY == YIELD_EVERY - 1 {
-                // Gives the core back to whatever waits for it: on Linux's EEVDF scheduler a
-                // thread woken on this core may otherwise wait for this one's whole time slice
-                // (~1 ms seen), and that thread is often the proxy's client or upstream.
-                std::thread::yield_now();
-            }
-            let n = record_one(&ex, adapter.as_ref(), &fingerprinter, &defaults, &metrics, &mut records);
-            count += n;
+        let encode::Encoded {
+            payload,
+            count,
+            unrecorded,
+        } = encoder.encode(&mut exchanges);
+        for (reason, n) in unrecorded.reasons {
+            metrics.proxy_unrecorded.add(&[reason], n);
+        }
+        if let Some((error, n)) = unrecorded.invalid {
+            tracing::warn!(%error, calls = n, "proxy: the adapter produced invalid events (the first one's error)");
         }
         if count == 0 {
             continue;
         }
-        match appender.append(records, count).await {
+        let appended = match payload {
+            encode::Payload::Records(records) => appender.append(records, count).await,
+            encode::Payload::Chunks(chunks) => appender.append_chunks(chunks).await,
+        };
+        match appended {
             Ok(()) => {
                 metrics.received.add(count as u64);
                 metrics.proxy_recorded.add(count as u64);
@@ -968,19 +992,20 @@ pub async fn run_recorder(
     }
 }
 
-/// Appends the wire records of one exchange's events; returns how many.
+/// Appends the wire records of one exchange's events; returns how many. What it does not
+/// record goes into `unrecorded`.
 fn record_one(
     ex: &Exchange,
     adapter: &dyn Adapter,
     fingerprinter: &Fingerprinter,
     defaults: &RecorderDefaults,
-    metrics: &AgentMetrics,
+    unrecorded: &mut encode::Tally,
     records: &mut Vec<u8>,
 ) -> u32 {
     if !ex.request_body.complete {
         // Cut off, over the cap, or not yet read when the answer came: a field read from it
         // could be wrong (a key cut short would be a different license).
-        metrics.proxy_unrecorded.add(&["body_incomplete"], 1);
+        unrecorded.add("body_incomplete", 1);
         return 0;
     }
     let mut values = match adapter.events(ex) {
@@ -988,7 +1013,7 @@ fn record_one(
         Err(Unreadable(reason, detail)) => {
             // Not the path: Keygen accepts keys in it.
             tracing::debug!(reason, %detail, method = %ex.method, status = ex.status.as_u16(), "proxy: exchange not recorded");
-            metrics.proxy_unrecorded.add(&[reason], 1);
+            unrecorded.add(reason, 1);
             return 0;
         }
     };
@@ -1007,8 +1032,14 @@ fn record_one(
             events.len() as u32
         }
         Err(e) => {
-            tracing::warn!(error = %e, method = %ex.method, status = ex.status.as_u16(), "proxy: adapter produced an invalid event");
-            metrics.proxy_unrecorded.add(&["invalid_event"], n as u64);
+            unrecorded.add("invalid_event", n as u64);
+            match &mut unrecorded.invalid {
+                Some((_, calls)) => *calls += 1,
+                None => {
+                    let error = format!("{e} ({} {}, status {})", ex.method, ex.path, ex.status.as_u16());
+                    unrecorded.invalid = Some((error, 1));
+                }
+            }
             0
         }
     }
@@ -1600,7 +1631,7 @@ mod cost {
             Context::default(),
             Arc::new(crate::ship::AgentClock::default()),
         );
-        let metrics = AgentMetrics::default();
+        let mut unrecorded = encode::Tally::default();
         let adapter = keygen::Keygen;
         let mut records = Vec::new();
         let n = 200_000;
@@ -1608,7 +1639,10 @@ mod cost {
             let start = std::time::Instant::now();
             for _ in 0..n {
                 records.clear();
-                assert_eq!(record_one(&ex, &adapter, &fp, &defaults, &metrics, &mut records), 1);
+                assert_eq!(
+                    record_one(&ex, &adapter, &fp, &defaults, &mut unrecorded, &mut records),
+                    1
+                );
             }
             let per = start.elapsed().as_nanos() as f64 / n as f64;
             let adapter_only = std::time::Instant::now();
