@@ -241,6 +241,10 @@ fn main() {
     let sb = Sandbox::new("proxy-bench");
     // An agent whose collector does not exist: it records into its buffer, nothing ships.
     let mut opts = keytrail_tests::AgentOpts::new(&sb, "agent-a");
+    // The agent's own batch settings (the test harness seals 500-event batches every 100 ms,
+    // ten times the sealing work of an agent as shipped).
+    opts.batch_max_events = 5_000;
+    opts.batch_timeout = "1s".into();
     opts.extra_toml = format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://{}\"\nadapter = \"keygen\"\n",
         up.addr
