@@ -48,10 +48,14 @@ use crate::buffer::{Chunker, PreparedChunk};
 
 /// Exchanges a thread claims at a time (the recorder yields its core between units).
 const UNIT: usize = 32;
-/// How long a batch is left to the background thread before the recorder helps with it: two
-/// hand-over periods. Under a saturating load the proxy stages new calls meanwhile (up to
-/// 8,192), about 250 ms of calls at the load measured in the proxy benchmark.
+/// How long a batch is left to the background thread before the recorder helps with it.
+/// Under a saturating load the proxy stages new calls meanwhile (up to 8,192, about 250 ms
+/// of calls at the load measured in the proxy benchmark).
 pub const HELP_AFTER: Duration = Duration::from_millis(100);
+/// After a batch the recorder had to help with, it helps with the next ones at once for this
+/// long: on a host whose cores stay busy the background thread gets almost no time, and
+/// waiting [`HELP_AFTER`] on every batch would let the staging grow towards its cap.
+pub const BEHIND_FOR: Duration = Duration::from_secs(1);
 /// The background thread's name.
 pub const THREAD_NAME: &str = "keytrail-encode";
 
@@ -274,6 +278,8 @@ pub struct Encoder {
     /// The background thread, if it could be started.
     worker: Option<Thread>,
     help_after: Duration,
+    /// Until when batches get help at once (the background thread fell behind on one).
+    behind_until: Option<Instant>,
 }
 
 impl Encoder {
@@ -308,6 +314,7 @@ impl Encoder {
             shared,
             worker,
             help_after: HELP_AFTER,
+            behind_until: None,
         }
     }
 
@@ -322,7 +329,16 @@ impl Encoder {
             };
         }
         let posted = self.post(&job);
-        self.complete(job, posted, Instant::now() + self.help_after)
+        let now = Instant::now();
+        let help_from = match self.behind_until {
+            Some(until) if now < until => now,
+            _ => now + self.help_after,
+        };
+        let (encoded, helped) = self.complete(job, posted, help_from);
+        if helped {
+            self.behind_until = Some(Instant::now() + BEHIND_FOR);
+        }
+        encoded
     }
 
     /// Offers `job` to the background thread; false if there is none or its slot is busy.
@@ -341,8 +357,8 @@ impl Encoder {
     }
 
     /// Waits for a posted job until `help_from`, then does what is left of it without
-    /// waiting for the background thread again.
-    fn complete(&self, job: Arc<Job>, posted: bool, help_from: Instant) -> Encoded {
+    /// waiting for the background thread again. Also returns whether it had to.
+    fn complete(&self, job: Arc<Job>, posted: bool, help_from: Instant) -> (Encoded, bool) {
         if posted {
             while !job.complete.load(Ordering::Acquire) {
                 let now = Instant::now();
@@ -358,6 +374,7 @@ impl Encoder {
         } else {
             None
         };
+        let helped = encoded.is_none();
         let encoded = encoded.unwrap_or_else(|| {
             job.work_in_front(&self.own);
             job.assemble(None)
@@ -369,7 +386,7 @@ impl Encoder {
                 }
             }
         }
-        encoded
+        (encoded, helped)
     }
 }
 
@@ -535,7 +552,8 @@ mod tests {
         // The recorder encodes units 1-3 and redoes unit 0, which the background thread holds.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let encoded = encoder.complete(job, true, Instant::now());
+            let (encoded, helped) = encoder.complete(job, true, Instant::now());
+            assert!(helped);
             let _ = tx.send((encoder, encoded));
         });
         let (mut encoder, encoded) = rx
@@ -558,6 +576,28 @@ mod tests {
     }
 
     #[test]
+    fn after_a_batch_it_had_to_help_with_the_recorder_helps_at_once() {
+        let adapter = Arc::new(Gated {
+            open_at: usize::MAX,
+            ..Gated::default()
+        });
+        let enc = encoding(adapter.clone());
+        let fp = enc.fingerprinter.clone();
+        let mut encoder = Encoder::start(enc, chunker());
+        assert!(encoder.behind_until.is_none());
+        // The background thread stalls in the first batch: helped after HELP_AFTER.
+        let mut exchanges = batch(40);
+        assert_eq!(licenses_of(&encoder.encode(&mut exchanges), &fp), expected(40));
+        let behind = encoder.behind_until.expect("behind after a helped batch");
+        assert!(behind > Instant::now() + BEHIND_FOR / 2);
+        // The next batch (the background thread still stalled) is helped from the start.
+        let mut exchanges = batch(40);
+        assert_eq!(licenses_of(&encoder.encode(&mut exchanges), &fp), expected(40));
+        *adapter.gate.lock().unwrap() = true;
+        adapter.opened.notify_all();
+    }
+
+    #[test]
     fn without_a_background_thread_the_recorder_encodes_alone() {
         let adapter = Arc::new(Gated::default());
         let enc = encoding(adapter.clone());
@@ -567,6 +607,7 @@ mod tests {
             shared: Arc::default(),
             worker: None,
             help_after: HELP_AFTER,
+            behind_until: None,
         };
         let mut exchanges = batch(70);
         let encoded = encoder.encode(&mut exchanges);
