@@ -23,8 +23,9 @@
 //!   ([`serve_hyper`]) at a request boundary, with the bytes read so far.
 //! * **Fail-open.** Nothing keytrail does can fail a request: recording happens after the
 //!   response body has been passed on, on another thread: finished exchanges are staged on
-//!   the proxy's thread (bounded) and handed over every 50 ms as one batch (one cross-thread
-//!   wake-up per interval, not per request); the proxy never waits for the recorder. What
+//!   the proxy's thread (bounded) and handed over as one batch every 200 ms, or sooner once
+//!   1,024 are staged (one cross-thread wake-up per batch, not per request); the proxy never
+//!   waits for the recorder. What
 //!   cannot be recorded — staging full, a body over the capture cap, an answer the adapter
 //!   cannot read, a full buffer — is counted by reason in
 //!   `keytrail_proxy_unrecorded_total{reason}` and `/v1/status`. An unreachable upstream gets
@@ -73,9 +74,17 @@ const RECORD_QUEUE: usize = 8192;
 /// The bytes of bodies (and paths) staged exchanges may hold together; beyond it they are
 /// counted as `queue_full` too (8,192 license calls of 2 KiB, or 64 whole captures).
 const RECORD_QUEUE_BYTES: usize = 16 * 1024 * 1024;
-/// How often the proxy thread hands its finished exchanges to the recorder: one wake-up of
-/// another thread per interval instead of one per request.
-const HANDOFF_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+/// How often the proxy thread hands its finished exchanges to the recorder, at the latest:
+/// one wake-up of another thread per interval instead of one per request. Each hand-over
+/// sets off a chain of wake-ups at the normal priority (the recorder, the buffer's writer and
+/// sled's I/O threads), and a call thread woken on a core one of them holds waits for it:
+/// with 50 ms, keytrail's added p99 was 15–35 µs over nginx's; with 200 ms, 0–5 (three
+/// alternated pairs, docs/benchmarks.md, session 22).
+const HANDOFF_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// Staged exchanges that make a hand-over due before [`HANDOFF_EVERY`] has passed: under a
+/// heavy load batches go over as soon as the recorder is free, so the staging never comes
+/// near [`RECORD_QUEUE`] (200 ms of a saturating load alone would be 6,700 exchanges here).
+const HANDOFF_AT: usize = 1024;
 /// Idle upstream connections kept for reuse.
 const MAX_IDLE: usize = 128;
 /// An idle upstream connection older than this is not reused (a NAT or firewall may have
@@ -600,6 +609,9 @@ impl Proxy {
         if staged.list.len() < RECORD_QUEUE && staged.bytes + bytes <= RECORD_QUEUE_BYTES {
             staged.list.push(ex);
             staged.bytes += bytes;
+            if staged.list.len() >= HANDOFF_AT {
+                self.offer_staged(&mut staged);
+            }
         } else {
             self.metrics.proxy_unrecorded.add(&["queue_full"], 1);
         }
@@ -657,9 +669,13 @@ impl Proxy {
     /// [`RECORD_QUEUE_BYTES`], beyond which new exchanges are counted as `queue_full`).
     fn hand_off(&self) {
         let mut staged = self.staged.lock().expect("staged exchanges");
-        if staged.list.is_empty() {
-            return;
+        if !staged.list.is_empty() {
+            self.offer_staged(&mut staged);
         }
+    }
+
+    /// [`Proxy::hand_off`] with the staging locked.
+    fn offer_staged(&self, staged: &mut Staged) {
         let offered = self.recorder.offer(&mut staged.list);
         if staged.list.is_empty() {
             staged.bytes = 0;
@@ -1543,6 +1559,31 @@ mod tests {
         assert_eq!(paths, ["/3", "/4"]);
         got.clear();
         assert_eq!(rx.recv_many(&mut got).await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_staging_is_handed_over_without_waiting_for_the_interval() {
+        // No serve loop, so no timer: only the staging's size hands over.
+        let (tx, mut rx) = record_channel();
+        let proxy = Proxy::new(
+            Upstream::parse("http://127.0.0.1:9").unwrap(),
+            None,
+            Vec::new(),
+            tx,
+            Arc::default(),
+        )
+        .unwrap();
+        let ex = |i: usize| test_exchange("POST", &format!("/{i}"), &[], "", 200, "");
+        for i in 0..HANDOFF_AT - 1 {
+            proxy.stage(ex(i));
+        }
+        let mut got = Vec::new();
+        let early = tokio::time::timeout(std::time::Duration::from_millis(300), rx.recv_many(&mut got)).await;
+        assert!(early.is_err(), "nothing handed over below {HANDOFF_AT}");
+        proxy.stage(ex(HANDOFF_AT - 1));
+        assert_eq!(rx.recv_many(&mut got).await, HANDOFF_AT);
+        assert_eq!(got[HANDOFF_AT - 1].path, format!("/{}", HANDOFF_AT - 1));
+        assert!(proxy.staged.lock().unwrap().list.is_empty());
     }
 
     #[tokio::test]
