@@ -19,7 +19,8 @@
 //! exchanges; the background thread claims them one at a time, and once a batch has waited
 //! [`HELP_AFTER`] the recorder claims the rest itself, then redoes, on copies, the unit the
 //! background thread may still be on: a starved `SCHED_IDLE` thread can wait seconds for a
-//! core (a weight of 3 against 1,024), so the recorder never waits for it. Encoding has no side
+//! core (a weight of 3 against 1,024), so the recorder never waits for it. After a batch it
+//! had to help with, it helps with the next ones from the start for [`BEHIND_FOR`]. Encoding has no side
 //! effects outside its output (counters and errors travel in it, event ids only need to be
 //! unique), so the first output of a unit counts and a late duplicate is dropped. Outputs are
 //! kept per unit, so the batch's events come out in order whoever encoded them.
