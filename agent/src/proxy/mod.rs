@@ -25,9 +25,8 @@
 //!   response body has been passed on, on another thread: finished exchanges are staged on
 //!   the proxy's thread (bounded) and handed over as one batch every 200 ms, or sooner once
 //!   1,024 are staged (one cross-thread wake-up per batch, not per request); the proxy never
-//!   waits for the recorder. What
-//!   cannot be recorded — staging full, a body over the capture cap, an answer the adapter
-//!   cannot read, a full buffer — is counted by reason in
+//!   waits for the recorder. What cannot be recorded — staging full, a body over the capture
+//!   cap, an answer the adapter cannot read, a full buffer — is counted by reason in
 //!   `keytrail_proxy_unrecorded_total{reason}` and `/v1/status`. An unreachable upstream gets
 //!   a 502, as from any proxy.
 //! * **Privacy.** An exchange (with raw keys in it) lives only in memory. Adapters produce
@@ -78,7 +77,7 @@ const RECORD_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// one wake-up of another thread per interval instead of one per request. Each hand-over
 /// sets off a chain of wake-ups at the normal priority (the recorder, the buffer's writer and
 /// sled's I/O threads), and a call thread woken on a core one of them holds waits for it:
-/// with 50 ms, keytrail's added p99 was 15–35 µs over nginx's; with 200 ms, 0–5 (three
+/// with 50 ms, keytrail's added p99 was 15–35 µs over nginx's; with 200 ms, −3 to 5 (three
 /// alternated pairs, docs/benchmarks.md, session 22).
 const HANDOFF_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 /// Staged exchanges that make a hand-over due before [`HANDOFF_EVERY`] has passed: under a
