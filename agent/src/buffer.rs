@@ -1427,7 +1427,6 @@ impl Buffer {
         let (max_events, max_bytes) = chunk_limits(&self.limits);
         let units = chunk_units(&accepted, max_events, max_bytes);
         let mut chunks = build_chunks(&units, max_events, max_bytes, arrived, compressor);
-        drop(units);
         // Chunks built by the appender (`Appender::append_chunks`) go in as they are.
         for a in &mut accepted {
             if let Payload::Chunks(prepared) = &mut a.payload {

@@ -52,13 +52,13 @@ const UNIT: usize = 32;
 /// How long a batch is left to the background thread before the recorder helps with it.
 /// Under a saturating load the proxy stages new calls meanwhile (up to 8,192, about 250 ms
 /// of calls at the load measured in the proxy benchmark).
-pub const HELP_AFTER: Duration = Duration::from_millis(100);
+const HELP_AFTER: Duration = Duration::from_millis(100);
 /// After a batch the recorder had to help with, it helps with the next ones at once for this
 /// long: on a host whose cores stay busy the background thread gets almost no time, and
 /// waiting [`HELP_AFTER`] on every batch would let the staging grow towards its cap.
-pub const BEHIND_FOR: Duration = Duration::from_secs(1);
+const BEHIND_FOR: Duration = Duration::from_secs(1);
 /// The background thread's name.
-pub const THREAD_NAME: &str = "keytrail-encode";
+const THREAD_NAME: &str = "keytrail-encode";
 
 /// One thread's means of turning exchanges into wire records.
 pub struct Encoding {
@@ -457,6 +457,28 @@ mod tests {
         }
     }
 
+    impl Gated {
+        /// One whose background-thread calls wait until [`Gated::open`].
+        fn stalling() -> Gated {
+            Gated {
+                open_at: usize::MAX,
+                ..Gated::default()
+            }
+        }
+
+        fn open(&self) {
+            *self.gate.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+    }
+
+    /// An encoder over `adapter`, started, and the fingerprinter to read its events with.
+    fn started(adapter: &Arc<Gated>) -> (Encoder, Fingerprinter) {
+        let enc = encoding(adapter.clone());
+        let fp = enc.fingerprinter.clone();
+        (Encoder::start(enc, chunker()), fp)
+    }
+
     fn encoding(adapter: Arc<dyn Adapter>) -> Encoding {
         Encoding {
             adapter,
@@ -510,9 +532,7 @@ mod tests {
             gate: Mutex::new(true),
             ..Gated::default()
         });
-        let enc = encoding(adapter.clone());
-        let fp = enc.fingerprinter.clone();
-        let mut encoder = Encoder::start(enc, chunker());
+        let (mut encoder, fp) = started(&adapter);
         for n in [1, 100, 0, 333] {
             let mut exchanges = batch(n);
             let encoded = encoder.encode(&mut exchanges);
@@ -532,13 +552,8 @@ mod tests {
     #[test]
     fn a_stalled_background_thread_is_not_waited_for_and_nothing_is_counted_twice() {
         // The background thread stalls at its first exchange until the test opens the gate.
-        let adapter = Arc::new(Gated {
-            open_at: usize::MAX,
-            ..Gated::default()
-        });
-        let enc = encoding(adapter.clone());
-        let fp = enc.fingerprinter.clone();
-        let encoder = Encoder::start(enc, chunker());
+        let adapter = Arc::new(Gated::stalling());
+        let (encoder, fp) = started(&adapter);
         let mut exchanges = batch(100);
         let job = Arc::new(Job::new(&mut exchanges, std::thread::current()));
         assert!(encoder.post(&job));
@@ -570,21 +585,15 @@ mod tests {
         assert_eq!(adapter.elsewhere.load(Ordering::SeqCst), 100);
         // Once let go, the background thread finishes its copy of unit 0 (dropped) and takes
         // the next batch.
-        *adapter.gate.lock().unwrap() = true;
-        adapter.opened.notify_all();
+        adapter.open();
         let mut exchanges = batch(50);
         assert_eq!(licenses_of(&encoder.encode(&mut exchanges), &fp), expected(50));
     }
 
     #[test]
     fn after_a_batch_it_had_to_help_with_the_recorder_helps_at_once() {
-        let adapter = Arc::new(Gated {
-            open_at: usize::MAX,
-            ..Gated::default()
-        });
-        let enc = encoding(adapter.clone());
-        let fp = enc.fingerprinter.clone();
-        let mut encoder = Encoder::start(enc, chunker());
+        let adapter = Arc::new(Gated::stalling());
+        let (mut encoder, fp) = started(&adapter);
         assert!(encoder.behind_until.is_none());
         // The background thread stalls in the first batch: helped after HELP_AFTER.
         let mut exchanges = batch(40);
@@ -594,8 +603,7 @@ mod tests {
         // The next batch (the background thread still stalled) is helped from the start.
         let mut exchanges = batch(40);
         assert_eq!(licenses_of(&encoder.encode(&mut exchanges), &fp), expected(40));
-        *adapter.gate.lock().unwrap() = true;
-        adapter.opened.notify_all();
+        adapter.open();
     }
 
     #[test]
