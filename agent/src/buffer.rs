@@ -234,6 +234,18 @@ pub struct DeadLetterInfo {
     pub reason: String,
 }
 
+/// What [`Buffer::seal_due`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealDue {
+    /// Nothing is pending.
+    Nothing,
+    /// A batch should be sealed now.
+    Now,
+    /// The oldest pending event is due after this long (unless a batch fills first, which
+    /// wakes the sealer through [`Buffer::pending_grew`]).
+    In(std::time::Duration),
+}
+
 /// Sizes and counts of what is buffered.
 #[derive(Clone, Debug, Default)]
 pub struct Counts {
@@ -296,7 +308,10 @@ pub struct Buffer {
     /// Set when the database had to be moved aside at start.
     pub recovered_from: Option<PathBuf>,
     metrics: Arc<AgentMetrics>,
-    /// Woken when pending data grows (the sealer waits on it).
+    /// Woken when the sealer has something new to do: pending data was empty and is not, or
+    /// a full batch is waiting ([`Buffer::seal_due`]). Not on every commit: the sealer
+    /// otherwise sleeps until the oldest pending event is due, and each wake-up of a thread
+    /// is a few microseconds the proxy's calls may wait behind.
     pub pending_grew: Notify,
     /// Woken when a sealed batch becomes sendable (the shipper waits on it).
     pub sealed_ready: Notify,
@@ -1315,6 +1330,8 @@ impl Buffer {
                 self.broken.store(false, Ordering::Release);
                 self.writable.store(true, Ordering::Relaxed);
                 tracing::info!("buffer database reopened after a storage error; taking events again");
+                // Recovery recounted what is pending: let the sealer look again.
+                self.pending_grew.notify_one();
                 true
             }
             Err(e) => {
@@ -1448,13 +1465,16 @@ impl Buffer {
             }
         }
         let applied = self.db().and_then(|db| db.apply_batch(batch));
+        let mut wake_sealer = false;
         if applied.is_ok() {
             // In sled's memory now, flushed or not: count it, so the counters match what
             // recovery or the sealer will find.
             let mut st = self.state.lock().expect("buffer state");
+            wake_sealer = st.counts.pending_events == 0;
             st.counts.pending_events += added_events;
             st.counts.pending_bytes += added_bytes;
             st.counts.pending_records_len += added_len;
+            wake_sealer |= self.batch_full(&st.counts);
         }
         match applied.and_then(|()| self.flush()) {
             Ok(()) => {
@@ -1463,7 +1483,9 @@ impl Buffer {
                 for a in accepted {
                     let _ = a.reply.send(Ok(()));
                 }
-                self.pending_grew.notify_one();
+                if wake_sealer {
+                    self.pending_grew.notify_one();
+                }
             }
             Err(e) => {
                 // Nothing is acknowledged. What was applied may still reach disk with a later
@@ -1589,23 +1611,36 @@ impl Buffer {
         Ok(false)
     }
 
-    /// Whether pending data should be sealed now: a full batch is waiting, or the oldest
-    /// pending event has waited `timeout`.
-    pub fn seal_due(&self, timeout: std::time::Duration) -> bool {
+    /// Whether pending data makes a full batch.
+    fn batch_full(&self, c: &Counts) -> bool {
+        c.pending_events >= self.limits.batch_max_events as u64 || c.pending_records_len >= self.limits.batch_max_bytes
+    }
+
+    /// When pending data should be sealed: now if a full batch is waiting or the oldest pending
+    /// event has waited `timeout`, else when it will have.
+    pub fn seal_due(&self, timeout: std::time::Duration) -> SealDue {
         let c = self.counts();
         if c.pending_events == 0 {
-            return false;
+            return SealDue::Nothing;
         }
-        if c.pending_events >= self.limits.batch_max_events as u64
-            || c.pending_records_len >= self.limits.batch_max_bytes
-        {
-            return true;
+        if self.batch_full(&c) {
+            return SealDue::Now;
         }
-        let Ok(db) = self.db() else { return false };
+        let Ok(db) = self.db() else {
+            return SealDue::Nothing;
+        };
         let oldest = db.scan_prefix([P]).values().next().and_then(Result::ok);
         match oldest.as_deref().and_then(parse_chunk) {
-            Some(c) => now_ns().saturating_sub(c.arrived) >= timeout.as_nanos() as i64,
-            None => true,
+            Some(c) => {
+                let waited = now_ns().saturating_sub(c.arrived).max(0) as u128;
+                match timeout.as_nanos().checked_sub(waited) {
+                    Some(left) if left > 0 => {
+                        SealDue::In(std::time::Duration::from_nanos(u64::try_from(left).unwrap_or(u64::MAX)))
+                    }
+                    _ => SealDue::Now,
+                }
+            }
+            None => SealDue::Now,
         }
     }
 
@@ -2428,6 +2463,49 @@ mod tests {
         assert_eq!(ids, want);
         assert_eq!((b.counts().pending_bytes, b.counts().pending_records_len), (0, 0));
         drop(b);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sealer_is_woken_by_a_first_event_and_a_full_batch_not_by_each_commit() {
+        let dir = tmp("sealdue");
+        let b = Buffer::open(&dir, Some("a"), limits(64 << 20, WhenFull::Reject, 10), Arc::default()).unwrap();
+        let app = b.start_writer();
+        let minute = std::time::Duration::from_secs(60);
+        let woken = |b: &Arc<Buffer>| {
+            let b = Arc::clone(b);
+            async move {
+                // A stored permit answers at once; none answers never.
+                tokio::time::timeout(std::time::Duration::from_millis(50), b.pending_grew.notified())
+                    .await
+                    .is_ok()
+            }
+        };
+        assert_eq!(b.seal_due(minute), SealDue::Nothing);
+        assert!(!woken(&b).await);
+        let (recs, n) = records(0..3);
+        app.append(recs, n).await.unwrap();
+        assert!(woken(&b).await, "a first pending event wakes the sealer");
+        match b.seal_due(minute) {
+            SealDue::In(left) => assert!(left > minute / 2 && left <= minute, "{left:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(b.seal_due(std::time::Duration::ZERO), SealDue::Now, "the oldest is due");
+        let (recs, n) = records(3..6);
+        app.append(recs, n).await.unwrap();
+        assert!(
+            !woken(&b).await,
+            "more of a batch not yet full changes nothing for the sealer"
+        );
+        let (recs, n) = records(6..11);
+        app.append(recs, n).await.unwrap();
+        assert!(woken(&b).await, "a full batch wakes the sealer");
+        assert_eq!(b.seal_due(minute), SealDue::Now);
+        b.seal_one().unwrap().unwrap();
+        assert!(matches!(b.seal_due(minute), SealDue::In(_)), "one event left");
+        b.seal_one().unwrap().unwrap();
+        assert_eq!(b.seal_due(minute), SealDue::Nothing);
+        shut(b, app);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

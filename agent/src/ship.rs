@@ -25,7 +25,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::buffer::{Buffer, SealedBatch};
+use crate::buffer::{Buffer, SealDue, SealedBatch};
 use crate::config::ShipConfig;
 use crate::telemetry::AgentMetrics;
 
@@ -460,9 +460,12 @@ pub fn backoff(attempt: u32, cap: Duration, retry_after: Option<Duration>) -> Du
 /// How long the sealer keeps its compression context and buffer after its last batch.
 const SEAL_WORK_KEPT: Duration = Duration::from_secs(10);
 
-/// Seals pending events when a batch is full or `batch_timeout` has passed.
-pub async fn run_sealer(buffer: Arc<Buffer>, timeout: Duration, shutdown: tokio::sync::watch::Receiver<bool>) {
-    let tick = (timeout / 4).max(Duration::from_millis(5));
+/// Seals pending events when a batch is full or `batch_timeout` has passed. Between seals it
+/// sleeps until the oldest pending event is due, woken early only by what changes that (a
+/// first event after none, a full batch, shutdown); it checks again at least every `timeout`.
+pub async fn run_sealer(buffer: Arc<Buffer>, timeout: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    // How long to wait when the counters and sled disagree, or while storage is broken.
+    let retry = (timeout / 4).max(Duration::from_millis(5));
     buffer.sealer_running(true);
     let mut last_sealed = std::time::Instant::now();
     loop {
@@ -476,34 +479,48 @@ pub async fn run_sealer(buffer: Arc<Buffer>, timeout: Duration, shutdown: tokio:
             let b = Arc::clone(&buffer);
             let _ = tokio::task::spawn_blocking(move || b.heal()).await;
         }
-        if buffer.seal_due(timeout) {
-            let b = Arc::clone(&buffer);
-            match tokio::task::spawn_blocking(move || b.seal_one()).await {
-                Ok(Ok(Some(_))) => {
-                    last_sealed = std::time::Instant::now();
-                    continue;
-                }
-                // Due by the counters, yet nothing to seal (counters ahead of what sled
-                // holds): wait below rather than spin.
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "sealing a batch failed; will retry");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "sealer task failed");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+        let mut wait = match buffer.seal_due(timeout) {
+            SealDue::Now => {
+                let b = Arc::clone(&buffer);
+                match tokio::task::spawn_blocking(move || b.seal_one()).await {
+                    Ok(Ok(Some(_))) => {
+                        last_sealed = std::time::Instant::now();
+                        continue;
+                    }
+                    // Due by the counters, yet nothing to seal (counters ahead of what sled
+                    // holds): wait below rather than spin.
+                    Ok(Ok(None)) => retry,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "sealing a batch failed; will retry");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "sealer task failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
                 }
             }
+            SealDue::In(left) => left.min(timeout),
+            SealDue::Nothing => timeout,
+        };
+        if buffer.is_broken() {
+            wait = wait.min(retry);
         }
         if last_sealed.elapsed() >= SEAL_WORK_KEPT {
             buffer.release_seal_work();
         }
         tokio::select! {
             _ = buffer.pending_grew.notified() => {}
-            _ = tokio::time::sleep(tick) => {}
+            _ = tokio::time::sleep(wait) => {}
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    // The agent is gone.
+                    buffer.sealer_running(false);
+                    return;
+                }
+            }
         }
     }
 }
@@ -758,6 +775,55 @@ async fn finish(buffer: &Arc<Buffer>, batch: SealedBatch, dead_reason: Option<St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sealer_seals_a_full_batch_at_once_and_stops_at_once_when_told() {
+        let dir = std::env::temp_dir().join(format!("kt-sealer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let limits = crate::buffer::BufferLimits {
+            max_bytes: 64 << 20,
+            when_full: crate::config::WhenFull::Reject,
+            cache_bytes: 1 << 20,
+            batch_max_events: 2,
+            batch_max_bytes: 1 << 20,
+            zstd_level: 1,
+        };
+        let b = Buffer::open(&dir, Some("a"), limits, Arc::default()).unwrap();
+        let app = b.start_writer();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // A timeout far longer than the test: only a full batch ends the sealer's sleep early,
+        // and only the stop ends it at the end.
+        let sealer = tokio::spawn(run_sealer(Arc::clone(&b), Duration::from_secs(600), stop_rx));
+        let append = |i: i64| {
+            let e = keytrail_common::event::Event::new(
+                format!("e{i}"),
+                keytrail_common::event::EventType::Validated,
+                1_000 + i,
+                "a",
+            );
+            let mut out = Vec::new();
+            keytrail_common::wire::append_event(&e, &mut out);
+            app.append(out, 1)
+        };
+        append(0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(b.counts().sealed_batches, 0, "half a batch, not yet due");
+        append(1).await.unwrap();
+        let full = Instant::now();
+        while b.counts().sealed_batches == 0 {
+            assert!(full.elapsed() < Duration::from_secs(60), "a full batch was not sealed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(b.counts().pending_events, 0);
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(60), sealer)
+            .await
+            .expect("the sealer stops when told, not when its sleep ends")
+            .unwrap();
+        drop(app);
+        drop(b);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_failure_on_one_lane_pauses_all_and_only_a_later_success_resumes_them() {
