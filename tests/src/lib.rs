@@ -392,6 +392,8 @@ pub struct AgentOpts {
     pub batch_max_events: u32,
     pub batch_timeout: String,
     pub stall_after: String,
+    /// The shipper's longest wait between retries (the harness's is short; agents ship with 30 s).
+    pub backoff_max: String,
     /// Appended to the generated config (e.g. a `[proxy]` section).
     pub extra_toml: String,
     /// Extra environment for the process (e.g. libfaketime).
@@ -411,6 +413,7 @@ impl AgentOpts {
             batch_max_events: 500,
             batch_timeout: "100ms".into(),
             stall_after: "2s".into(),
+            backoff_max: "500ms".into(),
             extra_toml: String::new(),
             env: Vec::new(),
         }
@@ -436,7 +439,7 @@ impl Agent {
              [ingest]\nlisten = \"127.0.0.1:0\"\n\
              [buffer]\ndir = {:?}\nmax_bytes = {:?}\nwhen_full = {:?}\n\
              [ship]\ncollector = {:?}\nca = {:?}\nbatch_max_events = {}\nbatch_timeout = {:?}\n\
-             stall_after = {:?}\nbackoff_max = \"500ms\"\nrequest_timeout = \"5s\"\n",
+             stall_after = {:?}\nbackoff_max = {:?}\nrequest_timeout = \"5s\"\n",
             opts.agent_id,
             data_dir,
             opts.max_bytes,
@@ -446,6 +449,7 @@ impl Agent {
             opts.batch_max_events,
             opts.batch_timeout,
             opts.stall_after,
+            opts.backoff_max,
         );
         if let Some((c, k)) = &opts.cert {
             text += &format!("cert = {c:?}\nkey = {k:?}\n");

@@ -2,10 +2,13 @@
 //! direct connection and against nginx as a reverse proxy, measured in the same run.
 //!
 //! keytrail-proxy-bench [--requests 20000] [--rounds 3] [--seconds 5] [--targets keytrail,nginx[,nginx-log]]
+//!                      [--collector none|local]
 //!
 //! Starts a Keygen-shaped upstream (keep-alive, answers a validate-key call), a keytrail agent
 //! with `[proxy] adapter = "keygen"` in front of it (recording every call into its durable
-//! buffer; no collector, so nothing is shipped), and nginx (`proxy_pass` with upstream
+//! buffer, with the batch and backoff settings it ships with; with `--collector none`, the
+//! default, its collector does not exist and nothing is shipped; with `local`, a collector on
+//! this machine receives the batches over mTLS as they are sealed), and nginx (`proxy_pass` with upstream
 //! keep-alive, one worker, no access log, keep-alive without a request limit) if `nginx` is
 //! installed (`scripts/bench-deps.sh`). Named in `--targets`, `nginx-log` adds nginx writing an
 //! access log (buffered, flushed every 50 ms) that a thread of the bench `fdatasync`s every 50 ms:
@@ -216,6 +219,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let (mut requests, mut rounds, mut seconds) = (20_000usize, 3usize, 5u64);
     let mut only: Option<Vec<String>> = None;
+    let mut ship = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_else(|| die(&format!("{a} needs a value")));
@@ -224,6 +228,13 @@ fn main() {
             "--rounds" => rounds = v.parse().unwrap_or_else(|_| die("--rounds: a count")),
             "--seconds" => seconds = v.parse().unwrap_or_else(|_| die("--seconds: a duration")),
             "--targets" => only = Some(v.split(',').map(str::to_string).collect()),
+            "--collector" => {
+                ship = match v.as_str() {
+                    "none" => false,
+                    "local" => true,
+                    _ => die("--collector: none or local"),
+                }
+            }
             _ => die(&format!("unknown argument {a}")),
         }
     }
@@ -239,17 +250,24 @@ fn main() {
         body: ANSWER.as_bytes().to_vec(),
     }));
     let sb = Sandbox::new("proxy-bench");
-    // An agent whose collector does not exist: it records into its buffer, nothing ships.
+    let collector = ship.then(|| keytrail_tests::Collector::start(&sb, keytrail_tests::CollectorOpts::default()));
     let mut opts = keytrail_tests::AgentOpts::new(&sb, "agent-a");
-    // The agent's own batch settings (the test harness seals 500-event batches every 100 ms,
-    // ten times the sealing work of an agent as shipped).
+    // The agent's own batch and backoff settings. The test harness seals 500-event batches
+    // every 100 ms, ten times the sealing work of an agent as shipped, and retries an absent
+    // collector every 500 ms, where an agent backs off to 30 s.
     opts.batch_max_events = 5_000;
     opts.batch_timeout = "1s".into();
+    opts.backoff_max = "30s".into();
     opts.extra_toml = format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://{}\"\nadapter = \"keygen\"\n",
         up.addr
     );
-    let agent = keytrail_tests::Agent::start(&sb, "https://127.0.0.1:9", opts);
+    // Without a collector, one that does not exist: the agent records, nothing ships.
+    let collector_url = collector.as_ref().map_or_else(
+        || "https://127.0.0.1:9".to_string(),
+        |c| format!("https://{}", c.receive),
+    );
+    let agent = keytrail_tests::Agent::start(&sb, &collector_url, opts);
     let proxy = agent.proxy.unwrap_or_else(|| die("the agent did not start its proxy"));
     let wanted = |name: &str| {
         only.as_ref()
@@ -339,6 +357,12 @@ fn main() {
         status["proxy"]["unrecorded_total"],
         status["proxy"]["unrecorded_by_reason"]
     );
+    if collector.is_some() {
+        println!(
+            "shipped to the local collector: {} events, {} buffered",
+            status["shipped_events_total"], status["buffered_events"]
+        );
+    }
     syncing.store(false, std::sync::atomic::Ordering::Relaxed);
     if let Some(s) = syncer {
         let _ = s.join();
