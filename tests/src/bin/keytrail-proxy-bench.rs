@@ -13,9 +13,11 @@
 //! installed (`scripts/bench-deps.sh`). Named in `--targets`, `nginx-log` adds nginx writing an
 //! access log (buffered, flushed every 50 ms) that a thread of the bench `fdatasync`s every 50 ms:
 //! a proxy that keeps a durable record of each call at the least cost.
-//! Per round and target: sequential requests on one keep-alive connection (p50/p99 latency),
-//! then 16 connections for `--seconds` (requests/s). Targets are interleaved round by round;
-//! medians over rounds are printed as Markdown. With `BENCH_TRACE=prefix`, each target's
+//! Per round: each target's sequential requests on one keep-alive connection (p50/p99
+//! latency), then each target under 16 connections for `--seconds` (requests/s), then a pause
+//! of 2 s, so no target's sequential calls run while the agent works off a load. Printed as
+//! Markdown: medians over rounds, and the quantiles of all rounds' sequential calls together
+//! (with many short rounds, the targets meet the same conditions of a shared machine). With `BENCH_TRACE=prefix`, each target's
 //! sequential requests (start and latency, µs) are written to `prefix-<port>`. `--targets` limits the run to some of the
 //! proxies (the direct call always runs, as the baseline), e.g. to profile one of them. A
 //! measuring tool, not a test.
@@ -33,6 +35,9 @@ use keytrail_tests::Sandbox;
 const BODY: &str =
     r#"{"meta":{"key":"C1B6DE-39A6E3-DE1529-8559A0-4AF593-V3","scope":{"fingerprint":"4d:Eq:UV:D3:XZ:tL"}}}"#;
 const ANSWER: &str = r#"{"data":{"id":"8f1d2c3b-0a9e-4f5d-8c7b-6a5e4d3c2b1a","type":"licenses","attributes":{"expiry":"2027-06-01T00:00:00.000Z","maxMachines":5},"relationships":{"machines":{"meta":{"count":3}},"policy":{"data":{"type":"policies","id":"pro"}}}},"meta":{"ts":"2026-11-23T10:00:00.000Z","valid":true,"detail":"is valid","code":"VALID"}}"#;
+
+/// The pause after a round's loads, before the next round's sequential calls.
+const SETTLE: Duration = Duration::from_secs(2);
 
 fn die(m: &str) -> ! {
     eprintln!("keytrail-proxy-bench: {m}");
@@ -97,7 +102,9 @@ impl Client {
     }
 }
 
-fn latencies(addr: SocketAddr, n: usize) -> (f64, f64) {
+/// `n` sequential calls on one keep-alive connection (after `n / 10` to warm up): each one's
+/// latency in µs, sorted.
+fn latencies(addr: SocketAddr, n: usize) -> Vec<f64> {
     let mut c = Client::new(addr);
     for _ in 0..n / 10 {
         c.call(); // warm-up
@@ -130,8 +137,12 @@ fn latencies(addr: SocketAddr, n: usize) -> (f64, f64) {
         std::fs::write(&path, lines).unwrap_or_else(|e| die(&format!("writing {path}: {e}")));
     }
     t.sort();
-    let at = |p: f64| t[((t.len() as f64 * p).ceil() as usize).clamp(1, t.len()) - 1].as_secs_f64() * 1e6;
-    (at(0.50), at(0.99))
+    t.into_iter().map(|d| d.as_secs_f64() * 1e6).collect()
+}
+
+/// The `p` quantile of sorted latencies.
+fn quantile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
 /// CLOCK_MONOTONIC now, in µs.
@@ -317,26 +328,42 @@ fn main() {
         targets.push(("nginx, access log synced every 50 ms", *a));
     }
     let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); targets.len()];
+    // Every sequential call of every round, per target.
+    let mut pooled: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    let opened = || *up.connections.lock().expect("connection count");
     for round in 0..rounds {
+        // The sequential calls of all targets first, then the loads: no target's calls are
+        // measured while the agent still works off the load just sent through it.
         for (i, (name, addr)) in targets.iter().enumerate() {
-            let opened = || *up.connections.lock().expect("connection count");
             let before = opened();
-            let (p50, p99) = latencies(*addr, requests);
-            let during_latency = opened() - before;
-            let rps = throughput(*addr, 16, seconds);
-            let during_throughput = opened() - before - during_latency;
+            let t = latencies(*addr, requests);
+            let (p50, p99) = (quantile(&t, 0.50), quantile(&t, 0.99));
             eprintln!(
-                "round {round} {name}: p50 {p50:.0} µs, p99 {p99:.0} µs, {rps:.0} req/s (16 connections); \
-                 upstream connections opened: {during_latency} for {} sequential requests, {during_throughput} under load",
+                "round {round} {name}: p50 {p50:.0} µs, p99 {p99:.0} µs; upstream connections opened: {} for {} sequential requests",
+                opened() - before,
                 requests + requests / 10
             );
             results[i].0.push(p50);
             results[i].1.push(p99);
+            pooled[i].extend(t);
+        }
+        for (i, (name, addr)) in targets.iter().enumerate() {
+            let before = opened();
+            let rps = throughput(*addr, 16, seconds);
+            eprintln!(
+                "round {round} {name}: {rps:.0} req/s (16 connections); upstream connections opened: {}",
+                opened() - before
+            );
             results[i].2.push(rps);
+        }
+        if round + 1 < rounds {
+            // The agent seals what the load left within its batch timeout (1 s).
+            std::thread::sleep(SETTLE);
         }
     }
     let (_, status) = agent.get_json("/v1/status");
     let (d50, d99) = (median(results[0].0.clone()), median(results[0].1.clone()));
+    println!("Medians over rounds:\n");
     println!("| target | p50 µs | p99 µs | added p50 µs | added p99 µs | req/s, 16 connections |");
     println!("|---|---:|---:|---:|---:|---:|");
     for (i, (name, _)) in targets.iter().enumerate() {
@@ -347,6 +374,22 @@ fn main() {
         );
         println!(
             "| {name} | {p50:.0} | {p99:.0} | {:.0} | {:.0} | {rps:.0} |",
+            p50 - d50,
+            p99 - d99
+        );
+    }
+    println!("\nAll rounds' sequential calls together:\n");
+    println!("| target | calls | p50 µs | p99 µs | added p50 µs | added p99 µs |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for t in &mut pooled {
+        t.sort_by(f64::total_cmp);
+    }
+    let (d50, d99) = (quantile(&pooled[0], 0.50), quantile(&pooled[0], 0.99));
+    for (i, (name, _)) in targets.iter().enumerate() {
+        let (p50, p99) = (quantile(&pooled[i], 0.50), quantile(&pooled[i], 0.99));
+        println!(
+            "| {name} | {} | {p50:.0} | {p99:.0} | {:.0} | {:.0} |",
+            pooled[i].len(),
             p50 - d50,
             p99 - d99
         );
