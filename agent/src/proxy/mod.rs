@@ -24,7 +24,7 @@
 //! * **Fail-open.** Nothing keytrail does can fail a request: recording happens after the
 //!   response body has been passed on, on another thread: finished exchanges are staged on
 //!   the proxy's thread (bounded) and handed over as one batch every 200 ms, or sooner once
-//!   1,024 are staged (one cross-thread wake-up per batch, not per request); the proxy never
+//!   2,048 are staged (one cross-thread wake-up per batch, not per request); the proxy never
 //!   waits for the recorder. What cannot be recorded — staging full, a body over the capture
 //!   cap, an answer the adapter cannot read, a full buffer — is counted by reason in
 //!   `keytrail_proxy_unrecorded_total{reason}` and `/v1/status`. An unreachable upstream gets
@@ -83,7 +83,10 @@ const HANDOFF_EVERY: std::time::Duration = std::time::Duration::from_millis(200)
 /// Staged exchanges that make a hand-over due before [`HANDOFF_EVERY`] has passed: under a
 /// heavy load batches go over as soon as the recorder is free, so the staging never comes
 /// near [`RECORD_QUEUE`] (200 ms of a saturating load alone would be 6,700 exchanges here).
-const HANDOFF_AT: usize = 1024;
+/// Above what a single client's sequential calls reach in 200 ms (~1,500 here): with 1,024,
+/// they made 7–8 hand-overs a second instead of 5, and sled's I/O threads woke 100 times a
+/// second instead of 70 (docs/benchmarks.md, session 23).
+const HANDOFF_AT: usize = 2048;
 /// Idle upstream connections kept for reuse.
 const MAX_IDLE: usize = 128;
 /// An idle upstream connection older than this is not reused (a NAT or firewall may have

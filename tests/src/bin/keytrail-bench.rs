@@ -623,14 +623,25 @@ fn proxy(o: &Opts) -> (Value, String) {
     cmd.env("KT_NO_BUILD", "1")
         .args(["--rounds", &o.runs.to_string(), "--seconds", &o.seconds.to_string()]);
     let text = stdout_of(cmd, "keytrail-proxy-bench");
-    let rows: Vec<Value> = table_cells(&text, "| target")
+    // Two tables: medians over rounds, then all rounds' sequential calls pooled.
+    let (medians, pooled) = text
+        .split_once("All rounds'")
+        .unwrap_or_else(|| die("keytrail-proxy-bench printed no pooled table"));
+    let rows: Vec<Value> = table_cells(medians, "| target")
         .into_iter()
         .map(|c| {
             json!({"target": c.first(), "p50_us": c.get(1), "p99_us": c.get(2), "added_p50_us": c.get(3),
                    "added_p99_us": c.get(4), "req_per_sec_16_connections": c.get(5)})
         })
         .collect();
-    (json!({"rows": rows, "markdown": text}), text)
+    let pooled: Vec<Value> = table_cells(pooled, "| target")
+        .into_iter()
+        .map(|c| {
+            json!({"target": c.first(), "calls": c.get(1), "p50_us": c.get(2), "p99_us": c.get(3),
+                   "added_p50_us": c.get(4), "added_p99_us": c.get(5)})
+        })
+        .collect();
+    (json!({"rows": rows, "pooled": pooled, "markdown": text}), text)
 }
 
 // ---- 5. footprint ----
