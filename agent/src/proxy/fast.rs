@@ -22,7 +22,8 @@
 //! strictly (hex sizes, CRLF lines). [`Timeouts`]: a kept-alive client connection closes after
 //! 5 minutes without a request; within an exchange, 60 s without a byte moving closes it (and
 //! a client whose upstream sent no answer head gets a 504). A connection handed to hyper has
-//! 60 s for each HTTP/1 request head, idle time included.
+//! 60 s for each HTTP/1 request head, idle time included, and closes after 5 minutes without
+//! a byte moving either way (an idle HTTP/2 connection, a stalled body).
 
 use std::io;
 use std::pin::Pin;
@@ -1527,6 +1528,31 @@ mod tests {
                 String::from_utf8_lossy(&got)
             );
         }
+    }
+
+    #[tokio::test]
+    async fn http2_connections_close_once_no_byte_moves_for_the_idle_limit() {
+        let (url, _accepted) = scripted_upstream().await;
+        let t = Timeouts {
+            idle: Duration::from_millis(300),
+            client: Duration::from_secs(60),
+            // hyper's connections get the longer of the idle limit and this plus 1 s.
+            upstream: Duration::from_millis(200),
+        };
+        let (addr, _proxy, _rx) = proxy_in_front_with(&url, t).await;
+        // A connection that goes quiet after its preface and settings: hyper alone would keep
+        // it forever.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut got))
+            .await
+            .expect("the proxy closes an idle HTTP/2 connection")
+            .ok();
+        // hyper answered with its own settings before the connection went quiet.
+        assert!(got.len() >= 9, "{got:?}");
     }
 
     #[tokio::test]

@@ -880,19 +880,130 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let head_within = proxy.timeouts.client;
+    // Never shorter than the wait for the upstream: a call waiting on its upstream gets its
+    // 504 rather than a closed connection.
+    let idle = proxy
+        .timeouts
+        .idle
+        .max(proxy.timeouts.upstream + std::time::Duration::from_secs(1));
     let service = service_fn(move |req| Arc::clone(&proxy).handle(req));
     let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     // An HTTP/1 client that does not complete a request head within the client timeout is
     // closed on (without an answer). Unlike the HTTP/1.1 path's per-read limit, hyper's is
     // one deadline for the whole head, and it starts when the previous answer ends: an idle
     // kept-alive connection here closes after that time (60 s; nginx's default is 75 s), not
-    // after the HTTP/1.1 path's 5 minutes. HTTP/2 connections have no idle limit, and bodies
-    // on this path no byte timeout.
+    // after the HTTP/1.1 path's 5 minutes. hyper has no limit of its own for an idle HTTP/2
+    // connection or a stalled body: [`Inactivity`] closes a connection on which no byte has
+    // moved either way for the idle limit (5 minutes).
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(head_within);
-    let _ = builder.serve_connection(TokioIo::new(io), service).await;
+    let _ = builder
+        .serve_connection(TokioIo::new(Inactivity::new(io, idle)), service)
+        .await;
+}
+
+/// A connection that fails its reads and writes once no byte has moved either way for
+/// `limit`, while its owner waits on it (hyper then closes it).
+struct Inactivity<I> {
+    io: I,
+    limit: std::time::Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<I> Inactivity<I> {
+    fn new(io: I, limit: std::time::Duration) -> Self {
+        Inactivity {
+            io,
+            limit,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+
+    fn moved(&mut self) {
+        let next = tokio::time::Instant::now() + self.limit;
+        self.deadline.as_mut().reset(next);
+    }
+
+    /// For an operation that is pending: an error once the limit has passed.
+    fn pending<T>(&mut self, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<T>> {
+        match std::future::Future::poll(self.deadline.as_mut(), cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no byte moved either way for {} s", self.limit.as_secs()),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Inactivity<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Pending => this.pending(cx),
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.moved();
+                }
+                Poll::Ready(r)
+            }
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Inactivity<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_write(cx, data) {
+            Poll::Pending => this.pending(cx),
+            Poll::Ready(r) => {
+                if matches!(r, Ok(n) if n > 0) {
+                    this.moved();
+                }
+                Poll::Ready(r)
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
+            Poll::Pending => this.pending(cx),
+            Poll::Ready(r) => {
+                if matches!(r, Ok(n) if n > 0) {
+                    this.moved();
+                }
+                Poll::Ready(r)
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_flush(cx) {
+            Poll::Pending => this.pending(cx),
+            ready => ready,
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
