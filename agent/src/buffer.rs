@@ -237,7 +237,7 @@ pub struct DeadLetterInfo {
 /// What [`Buffer::seal_due`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SealDue {
-    /// Nothing is pending.
+    /// Nothing is pending, or the database cannot be read (a storage error, being healed).
     Nothing,
     /// A batch should be sealed now.
     Now,
@@ -308,8 +308,9 @@ pub struct Buffer {
     /// Set when the database had to be moved aside at start.
     pub recovered_from: Option<PathBuf>,
     metrics: Arc<AgentMetrics>,
-    /// Woken when the sealer has something new to do: pending data was empty and is not, or
-    /// a full batch is waiting ([`Buffer::seal_due`]). Not on every commit: the sealer
+    /// Woken when the sealer has something new to do: pending data was empty and is not, a
+    /// full batch is waiting ([`Buffer::seal_due`]), or storage failed or was reopened (the
+    /// sealer heals it). Not on every commit: the sealer
     /// otherwise sleeps until the oldest pending event is due, and each wake-up of a thread
     /// is a few microseconds the proxy's calls may wait behind.
     pub pending_grew: Notify,
@@ -1228,6 +1229,8 @@ impl Buffer {
     fn storage_failed(&self, e: &sled::Error) {
         if !self.broken.swap(true, Ordering::AcqRel) {
             tracing::error!(error = %e, "buffer storage failed; it is reopened once there is room again (every {}s)", HEAL_EVERY.as_secs());
+            // The sealer reopens it, also while no events arrive: wake it from its sleep.
+            self.pending_grew.notify_one();
         }
         self.writable.store(false, Ordering::Relaxed);
     }

@@ -460,9 +460,11 @@ pub fn backoff(attempt: u32, cap: Duration, retry_after: Option<Duration>) -> Du
 /// How long the sealer keeps its compression context and buffer after its last batch.
 const SEAL_WORK_KEPT: Duration = Duration::from_secs(10);
 
-/// Seals pending events when a batch is full or `batch_timeout` has passed. Between seals it
-/// sleeps until the oldest pending event is due, woken early only by what changes that (a
-/// first event after none, a full batch, shutdown); it checks again at least every `timeout`.
+/// Seals pending events when a batch is full or `batch_timeout` has passed, and reopens the
+/// buffer after a storage error. Between seals it sleeps until the oldest pending event is
+/// due, woken early only by what changes that (a first event after none, a full batch, a
+/// storage error or its repair, shutdown); it checks again at least every `timeout` (at most
+/// every 10 s).
 pub async fn run_sealer(buffer: Arc<Buffer>, timeout: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     // How long to wait when the counters and sled disagree, or while storage is broken.
     let retry = (timeout / 4).max(Duration::from_millis(5));
@@ -508,6 +510,8 @@ pub async fn run_sealer(buffer: Arc<Buffer>, timeout: Duration, mut shutdown: to
         if buffer.is_broken() {
             wait = wait.min(retry);
         }
+        // A long `batch_timeout` still lets the compression workspace go in time.
+        wait = wait.min(SEAL_WORK_KEPT);
         if last_sealed.elapsed() >= SEAL_WORK_KEPT {
             buffer.release_seal_work();
         }
