@@ -14,8 +14,9 @@
 //! access log (buffered, flushed every 50 ms) that a thread of the bench `fdatasync`s every 50 ms:
 //! a proxy that keeps a durable record of each call at the least cost.
 //! Per round: each target's sequential requests on one keep-alive connection (p50/p99
-//! latency), then each target under 16 connections for `--seconds` (requests/s), then a pause
-//! of 2 s, so no target's sequential calls run while the agent works off a load. Printed as
+//! latency), then each target under 16 connections for `--seconds` (requests/s), with a pause
+//! of 2 s after each load but the run's last, so no target is measured while the agent works
+//! off a load. Printed as
 //! Markdown: medians over rounds, and the quantiles of all rounds' sequential calls together
 //! (with many short rounds, the targets meet the same conditions of a shared machine). With `BENCH_TRACE=prefix`, each target's
 //! sequential requests (start and latency, µs) are written to `prefix-<port>`. `--targets` limits the run to some of the
@@ -36,7 +37,7 @@ const BODY: &str =
     r#"{"meta":{"key":"C1B6DE-39A6E3-DE1529-8559A0-4AF593-V3","scope":{"fingerprint":"4d:Eq:UV:D3:XZ:tL"}}}"#;
 const ANSWER: &str = r#"{"data":{"id":"8f1d2c3b-0a9e-4f5d-8c7b-6a5e4d3c2b1a","type":"licenses","attributes":{"expiry":"2027-06-01T00:00:00.000Z","maxMachines":5},"relationships":{"machines":{"meta":{"count":3}},"policy":{"data":{"type":"policies","id":"pro"}}}},"meta":{"ts":"2026-11-23T10:00:00.000Z","valid":true,"detail":"is valid","code":"VALID"}}"#;
 
-/// The pause after a round's loads, before the next round's sequential calls.
+/// The pause after each load, before the next target's load or the next round's calls.
 const SETTLE: Duration = Duration::from_secs(2);
 
 fn die(m: &str) -> ! {
@@ -355,10 +356,10 @@ fn main() {
                 opened() - before
             );
             results[i].2.push(rps);
-        }
-        if round + 1 < rounds {
-            // The agent seals what the load left within its batch timeout (1 s).
-            std::thread::sleep(SETTLE);
+            if round + 1 < rounds || i + 1 < targets.len() {
+                // The agent seals what the load left within its batch timeout (1 s).
+                std::thread::sleep(SETTLE);
+            }
         }
     }
     let (_, status) = agent.get_json("/v1/status");
