@@ -926,6 +926,19 @@ impl<I> Inactivity<I> {
         self.deadline.as_mut().reset(next);
     }
 
+    /// A write's result: bytes written reset the limit, a pending write is checked against it.
+    fn wrote(&mut self, r: Poll<std::io::Result<usize>>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<usize>> {
+        match r {
+            Poll::Pending => self.pending(cx),
+            Poll::Ready(r) => {
+                if matches!(r, Ok(n) if n > 0) {
+                    self.moved();
+                }
+                Poll::Ready(r)
+            }
+        }
+    }
+
     /// For an operation that is pending: an error once the limit has passed.
     fn pending<T>(&mut self, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<T>> {
         match std::future::Future::poll(self.deadline.as_mut(), cx) {
@@ -961,15 +974,8 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Inactivity<I> {
 impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Inactivity<I> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_write(cx, data) {
-            Poll::Pending => this.pending(cx),
-            Poll::Ready(r) => {
-                if matches!(r, Ok(n) if n > 0) {
-                    this.moved();
-                }
-                Poll::Ready(r)
-            }
-        }
+        let r = Pin::new(&mut this.io).poll_write(cx, data);
+        this.wrote(r, cx)
     }
 
     fn poll_write_vectored(
@@ -978,15 +984,8 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Inactivity<I> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
-            Poll::Pending => this.pending(cx),
-            Poll::Ready(r) => {
-                if matches!(r, Ok(n) if n > 0) {
-                    this.moved();
-                }
-                Poll::Ready(r)
-            }
-        }
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.wrote(r, cx)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -627,20 +627,35 @@ fn proxy(o: &Opts) -> (Value, String) {
     let (medians, pooled) = text
         .split_once("All rounds'")
         .unwrap_or_else(|| die("keytrail-proxy-bench printed no pooled table"));
-    let rows: Vec<Value> = table_cells(medians, "| target")
-        .into_iter()
-        .map(|c| {
-            json!({"target": c.first(), "p50_us": c.get(1), "p99_us": c.get(2), "added_p50_us": c.get(3),
-                   "added_p99_us": c.get(4), "req_per_sec_16_connections": c.get(5)})
-        })
-        .collect();
-    let pooled: Vec<Value> = table_cells(pooled, "| target")
-        .into_iter()
-        .map(|c| {
-            json!({"target": c.first(), "calls": c.get(1), "p50_us": c.get(2), "p99_us": c.get(3),
-                   "added_p50_us": c.get(4), "added_p99_us": c.get(5)})
-        })
-        .collect();
+    // Each row as an object with these keys, in the table's column order.
+    let objects = |table: &str, keys: &[&str]| -> Vec<Value> {
+        table_cells(table, "| target")
+            .into_iter()
+            .map(|c| {
+                Value::Object(
+                    keys.iter()
+                        .enumerate()
+                        .map(|(i, k)| (k.to_string(), c.get(i).cloned().map_or(Value::Null, Value::from)))
+                        .collect(),
+                )
+            })
+            .collect()
+    };
+    let rows = objects(
+        medians,
+        &[
+            "target",
+            "p50_us",
+            "p99_us",
+            "added_p50_us",
+            "added_p99_us",
+            "req_per_sec_16_connections",
+        ],
+    );
+    let pooled = objects(
+        pooled,
+        &["target", "calls", "p50_us", "p99_us", "added_p50_us", "added_p99_us"],
+    );
     (json!({"rows": rows, "pooled": pooled, "markdown": text}), text)
 }
 
